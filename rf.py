@@ -1,0 +1,780 @@
+"""
+rf.py -- Resampling Forcing, the whole method in one file.
+
+Paper: Y. Guo et al., "End-to-End Training for Autoregressive Video Diffusion via Self-Resampling",
+arXiv 2512.15702 (2025). Base model: Wan2.1-T2V-1.3B (arXiv 2503.20314).
+
+An autoregressive (AR) video diffusion model generates a video chunk by chunk, each chunk denoised while attending
+to the chunks already made. Trained with teacher forcing (history = ground truth), it never sees its own mistakes,
+so at test time small errors pile up and long rollouts fall apart. Resampling Forcing trains on history the model
+degraded itself: each history chunk is noised to a level t_s and denoised back by the model, conditioned on the
+already degraded chunks before it (autoregressive self-resampling, no gradient). The loss is the usual per-chunk
+flow-matching loss on clean targets, computed for all chunks in one forward with a sparse causal mask. No teacher,
+no distillation, no new parameters.
+
+Reading order
+    1. Config and presets
+    2. Flow matching: noise, shift, timesteps (Eqs. 3, 4, 7)
+    3. Who sees whom: the one mask rule, its ASCII picture, its attention backends
+    4. The Wan2.1 DiT with per-frame noise conditioning, two forwards and a cached chunk forward
+    5. Sampling: generate (chunk by chunk, Euler, CFG, KV cache)
+    6. Training: self-resampling and the loss (Algorithm 1)
+    7. The toy caption encoder; saving and loading
+
+Conventions (fixed everywhere below)
+    B batch, F frames, C channels, H x W frame size (Wan: latent frames, 8x smaller than pixels; toy: pixels)
+    N chunks, L tokens, S tokens per frame, D model width, nh heads, hd head width
+    video tensors are (B, F, C, H, W); noise levels are per frame, t: (B, F), equal within a chunk
+    t in [0, 1], t = 0 clean, t = 1 pure noise; x_t = (1 - t) x0 + t eps; the model predicts v = eps - x0
+    a "chunk" is frames_per_chunk consecutive frames generated together (the paper calls it a "frame")
+    lines tagged [RF] are where this model departs from Wan2.1; `grep -n "\\[RF\\]" rf.py` lists the diff
+"""
+
+import json
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.utils.checkpoint import checkpoint
+
+ROPE_LEN = 1024  # Wan's RoPE table holds 1024 positions per axis: the longest video is 1024 (latent) frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Config and presets
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # Wan2.1 DiT, with the field names of Wan's config.json
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    num_heads: int = 12
+    num_layers: int = 30
+    text_len: int = 512
+    text_dim: int = 4096
+    in_dim: int = 16
+    out_dim: int = 16
+    patch_size: tuple = (1, 2, 2)
+    eps: float = 1e-6
+    # autoregressive video
+    frames_per_chunk: int = 3          # [RF] frames denoised together; attention is causal across chunks
+    frame_size: tuple = (60, 104)      # (H, W) the sampler draws by default: 480x832 pixels / 8 (VAE stride)
+    # Resampling Forcing (Algorithm 1)
+    degrade: str = "autoregressive"    # history degradation: none | noise | parallel | autoregressive
+    resample_shift: float = 0.6        # s of Eq. 7 for the simulation timestep t_s (paper: 0.6)
+    resample_steps: int = 1            # Euler steps from t_s down to 0 (paper: 1)
+    noise_aug_max: float = 0.1         # "noise" mode: history = x_tau with tau ~ U(0, noise_aug_max)
+    train_t: str = "logit_normal"      # per-chunk training t: logit_normal | uniform, then shifted by train_shift
+    train_shift: float = 1.0
+
+    def __post_init__(self):
+        self.patch_size, self.frame_size = tuple(self.patch_size), tuple(self.frame_size)  # JSON gives lists
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"dim={self.dim} must split into num_heads={self.num_heads} heads of even width")
+        if self.patch_size[0] != 1:
+            raise ValueError("patch_size[0] must be 1: every frame carries its own noise level t")
+        if self.degrade not in DEGRADE_MODES:
+            raise ValueError(f"degrade={self.degrade!r}: choose one of {DEGRADE_MODES}")
+        if self.train_t not in ("logit_normal", "uniform"):
+            raise ValueError(f"train_t={self.train_t!r}: choose logit_normal or uniform")
+
+
+DEGRADE_MODES = ("none", "noise", "parallel", "autoregressive")
+
+PRESETS = {
+    # Sized for a 2-core CPU: 32x32 RGB frames (pixels are the "latents"), 4x4 patches -> 64 tokens per frame.
+    "toy": dict(dim=128, ffn_dim=512, freq_dim=64, num_heads=4, num_layers=4, text_len=8, text_dim=64,
+                in_dim=3, out_dim=3, patch_size=(1, 4, 4), frames_per_chunk=2, frame_size=(32, 32)),
+    # The real model: 1,418,996,800 parameters, 825 checkpoint keys.
+    # NOTE(choice): the paper does not give the distribution of the training t. For Wan we follow Self-Forcing's
+    # teacher forcing (uniform, shifted by 5 like the sampler), which keeps fine-tuning close to how Wan samples.
+    "wan2.1-t2v-1.3b": dict(train_t="uniform", train_shift=5.0),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    return Config(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Flow matching (rectified flow): x_t = (1 - t) x0 + t eps, v = eps - x0
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_noise(x0, eps, t):
+    """Eq. 3. x0, eps: (B, F, C, H, W); t: (B, F), one noise level per frame."""
+    t = t[:, :, None, None, None]
+    return (1 - t) * x0 + t * eps
+
+
+def shift_t(t, s):
+    """Eq. 7: t' = s t / (1 + (s - 1) t). s > 1 moves mass toward noise, s < 1 toward clean."""
+    return s * t / (1 + (s - 1) * t)
+
+
+def logit_normal(shape, generator=None):
+    """t = sigmoid(z), z ~ N(0, 1): mass in the middle of [0, 1], none at the ends."""
+    return torch.sigmoid(torch.randn(shape, generator=generator))
+
+
+def sample_train_t(cfg: Config, batch, num_chunks, generator=None):
+    """Algorithm 1, line 6: one training t per chunk, independent across chunks. Returns (B, N)."""
+    # NOTE(choice): the paper does not say how t^i is drawn. Toy default: logit-normal (SD3's choice for
+    # rectified flow from scratch); Wan preset: uniform shifted by 5 (Self-Forcing's teacher forcing).
+    if cfg.train_t == "logit_normal":
+        u = logit_normal((batch, num_chunks), generator)
+    else:
+        u = torch.rand((batch, num_chunks), generator=generator)
+    return shift_t(u, cfg.train_shift)
+
+
+def sampling_sigmas(steps, shift):
+    """The Euler grid of the sampler: shift(1 - k / steps), k = 0..steps, from 1.0 (noise) to 0.0 (clean)."""
+    return shift_t(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).float()
+
+
+def euler(velocity, x, sigmas):
+    """Integrate dx/dt = v from sigmas[0] down to sigmas[-1] (Eq. 2). sigmas: (steps + 1, B), one grid per video.
+
+    velocity(x, t) takes t of shape (B, F) and returns v of the shape of x."""
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        t = s[:, None].expand(x.shape[:2])                                          # (B, F)
+        x = x + (s_next - s).view(-1, 1, 1, 1, 1) * velocity(x, t)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Who sees whom: one rule, one picture, several attention backends
+# ----------------------------------------------------------------------------------------------------------------
+# Every token belongs to a chunk and to a stream. The block-causal forward has one stream. The two-stream training
+# forward [RF] lays out [history ; noisy]: the HISTORY stream holds the clean (or self-degraded) chunks at t = 0,
+# the NOISY stream the chunks being denoised. One rule says which key a query may see; every backend (dense
+# boolean mask for SDPA, flex_attention BlockMask, the KV cache) is an implementation of this rule.
+
+HISTORY, NOISY = 0, 1
+
+
+def may_attend(q_chunk, q_stream, k_chunk, k_stream):
+    """Its own chunk in its own stream (bidirectional), plus every earlier chunk of the history stream.
+
+    Block-causal (all tokens HISTORY): chunk i sees chunks <= i.
+    Two-stream: H_j sees H_<=j; Z_i sees Z_i and H_<i -- never H_i (the answer) nor other noisy chunks.
+    Works elementwise on tensors of ids, so the same function builds a dense mask and a flex_attention mask_mod.
+    """
+    own_chunk = (q_chunk == k_chunk) & (q_stream == k_stream)
+    clean_past = (k_stream == HISTORY) & (k_chunk < q_chunk)
+    return own_chunk | clean_past
+
+
+def dense_mask(chunk, stream):
+    """(L,) chunk and stream id per token -> (L, L) boolean mask, True = may attend (SDPA's convention)."""
+    return may_attend(chunk[:, None], stream[:, None], chunk[None, :], stream[None, :])
+
+
+def mask_ascii(num_chunks: int, two_stream: bool = True) -> str:
+    """The mask at chunk level, as printed in the README. `#` = attends, `.` = masked."""
+    chunk = torch.arange(num_chunks)
+    if two_stream:
+        chunk, stream = torch.cat([chunk, chunk]), torch.tensor([HISTORY] * num_chunks + [NOISY] * num_chunks)
+    else:
+        stream = torch.zeros(num_chunks, dtype=torch.long)
+    names = [("H" if s == HISTORY and two_stream else "Z" if two_stream else "C") + str(c + 1)
+             for c, s in zip(chunk.tolist(), stream.tolist())]
+    grid = dense_mask(chunk, stream)
+    rows = ["q\\k " + " ".join(f"{n:>3}" for n in names)]
+    rows += [f"{n:>3} " + " ".join(f"{'#' if a else '.':>3}" for a in row) for n, row in zip(names, grid.tolist())]
+    return "\n".join(rows)
+
+
+@lru_cache(maxsize=16)
+def flex_block_mask(chunk: tuple, stream: tuple, device: str) -> BlockMask:
+    """The same rule as a flex_attention BlockMask (CUDA fast path). Cached: building it is not free, and the key
+    holds the whole layout, so a new length or resolution can never reuse a stale mask."""
+    c = torch.tensor(chunk, device=device)
+    s = torch.tensor(stream, device=device)
+
+    def mask_mod(b, h, q, k):
+        return may_attend(c[q], s[q], c[k], s[k])
+
+    return create_block_mask(mask_mod, None, None, len(chunk), len(chunk), device=device)
+
+
+_compiled_flex = None
+
+
+def attention(q, k, v, mask=None):
+    """Softmax attention with scale 1/sqrt(hd). q: (B, Lq, nh, hd), k, v: (B, Lk, nh, hd) -> (B, Lq, nh, hd).
+
+    mask: None (all keys), a boolean (Lq, Lk) tensor (SDPA, any device; the CPU training path), or a
+    flex_attention BlockMask (CUDA; built from the same rule)."""
+    global _compiled_flex
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                                 # (B, nh, L, hd)
+    if isinstance(mask, BlockMask):
+        if q.is_cuda and _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        out = (_compiled_flex if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. The Wan2.1 DiT
+# ----------------------------------------------------------------------------------------------------------------
+# Module names are the checkpoint's key names, so loading Wan weights is a key-for-key copy. Wan keeps some math in
+# fp32 even under bf16 autocast ("fp32 islands"): time embedding, modulation, norms, gated residual adds, the head.
+
+def fp32(device_type):
+    """Context that turns autocast off, so the enclosed math runs in the dtype of its (fp32) inputs."""
+    return torch.autocast(device_type, enabled=False)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Wan's LayerNorm: fp32 math, result in the input dtype."""
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    """Wan's q/k norm: RMS over the full width D (all heads together), fp32 math."""
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def sinusoid(dim, t):
+    """Wan's timestep sinusoid: [cos, sin] (cos first) in float64. t: any shape -> (*t.shape, dim)."""
+    half = dim // 2
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    angles = t.double()[..., None] * freqs
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def rope_cos_sin(pos, h, w, head_dim):
+    """3-D RoPE tables for tokens at frame positions `pos` (Ft,), rows 0..h-1, columns 0..w-1.
+
+    Wan splits each head into temporal / height / width parts (44 / 42 / 42 of 128), each with its own
+    frequencies base^(-2j/d), integer positions, angles in float64. Returns cos, sin of shape (L, 1, hd/2)."""
+    d_hw = 2 * (head_dim // 6)
+    d_t = head_dim - 2 * d_hw
+
+    def angles(p, d):                                                                 # (len(p), d/2)
+        return p.double()[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64, device=p.device) / d)
+
+    dev = pos.device
+    a_t = angles(pos, d_t)[:, None, None, :].expand(len(pos), h, w, -1)
+    a_h = angles(torch.arange(h, device=dev), d_hw)[None, :, None, :].expand(len(pos), h, w, -1)
+    a_w = angles(torch.arange(w, device=dev), d_hw)[None, None, :, :].expand(len(pos), h, w, -1)
+    a = torch.cat([a_t, a_h, a_w], dim=-1).flatten(0, 2)[:, None, :]                  # (L, 1, hd/2)
+    return a.cos().float(), a.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate interleaved pairs (x[2i], x[2i+1]) by the angle table (Wan's complex layout, not NeoX halves)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                              # (B, L, nh, hd/2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def modulate(x, shift, scale):
+    """x * (1 + scale) + shift with one (shift, scale) per frame [RF]: x (B, L, D); shift, scale (B, Ft, 1, D).
+
+    The frame axis is unflattened, so the modulation broadcasts over the frame's S tokens and is never copied
+    per token."""
+    return (x.unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2)
+
+
+def gate(y, g):
+    """y * g per frame [RF]: y (B, L, D), g (B, Ft, 1, D)."""
+    return (y.unflatten(1, (g.shape[1], -1)) * g).flatten(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def forward(self, x, rope, mask, cache=None):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))               # (B, L, nh, hd)
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:                        # [RF] prepend the finished chunks' keys (cached after RoPE)
+            k, v = cache.extend(k, v)                                                  # (B, Lc + L, nh, hd)
+        return self.o(attention(q, k, v, mask).flatten(2))                            # (B, L, D)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim, num_heads, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+
+    def kv(self, context):
+        """Text keys and values: they depend only on the prompt, so the sampler computes them once."""
+        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))          # (B, text_len, nh, hd)
+        return k, self.v(context).unflatten(-1, (self.num_heads, -1))
+
+    def forward(self, x, text_kv):
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))               # no RoPE, no mask
+        return self.o(attention(q, *text_kv).flatten(2))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        d = cfg.dim
+        self.norm1 = LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = LayerNorm(d, cfg.eps, elementwise_affine=True)   # Wan's affine cross-attn norm is "norm3"
+        self.cross_attn = CrossAttention(d, cfg.num_heads, cfg.eps)
+        self.norm2 = LayerNorm(d, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+    def forward(self, x, e0, rope, mask, text_kv, cache=None):
+        # x: (B, L, D) residual stream (fp32); e0: (B, Ft, 6, D), one modulation input per frame [RF]
+        with fp32(x.device.type):
+            m = (self.modulation.unsqueeze(0) + e0).unsqueeze(3)                      # (B, Ft, 6, 1, D)
+            shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = m.unbind(2)
+        y = self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), rope, mask, cache)
+        x = x + gate(y, gate_msa)
+        x = x + self.cross_attn(self.norm3(x), text_kv)                              # no gate, no modulation
+        y = self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn))
+        return x + gate(y, gate_ffn)
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm = LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e):
+        # e: (B, Ft, D), the time embedding *before* SiLU and projection; all in fp32, as Wan does
+        with fp32(x.device.type):
+            shift, scale = (self.modulation.unsqueeze(0) + e.float().unsqueeze(2)).unsqueeze(3).unbind(2)
+            return self.head(modulate(self.norm(x.float()), shift, scale))
+
+
+class DiT(nn.Module):
+    """Wan2.1's text-to-video DiT, made causal over chunks with per-frame noise levels.
+
+    forward(x, t, context)            block-causal: chunk i sees chunks <= i, each at its own t
+    forward(x, t, context, history)   two-stream training forward of the paper [RF]
+    forward_chunk(x, t, text_kv, cache, commit)   one chunk against a KV cache (sampling, self-resampling)
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        self.grad_checkpointing = False      # recompute each block in backward: far less activation memory
+        self.attn_backend = "auto"           # auto (flex on CUDA, SDPA elsewhere) | sdpa | flex
+        self.init_weights()
+
+    def init_weights(self):
+        """Wan's initialisation (what the toy trains from; real runs load the checkpoint instead)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        for m in [*self.text_embedding, *self.time_embedding]:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.head.head.weight)
+
+    # --- the shared body --------------------------------------------------------------------------------------
+
+    def encode_text(self, context):
+        """Text features (B, Lt, text_dim), Lt <= text_len -> per-layer cross-attention (K, V)."""
+        if context.ndim != 3 or context.shape[-1] != self.cfg.text_dim or context.shape[1] > self.cfg.text_len:
+            raise ValueError(f"context must be (B, <= {self.cfg.text_len}, {self.cfg.text_dim}), "
+                             f"got {tuple(context.shape)}")
+        # Wan zero-pads the text to text_len and attends to all of it, padding included (no mask)
+        context = F.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1]))
+        ctx = self.text_embedding(context)                                            # (B, text_len, D)
+        return [block.cross_attn.kv(ctx) for block in self.blocks]
+
+    def _forward(self, frames, t, pos, text_kv, mask, n_out, cache=None):
+        """frames (B, Ft, C, H, W) at noise levels t (B, Ft), RoPE frame positions pos (Ft,).
+        Returns the velocity of the last n_out frames, (B, n_out, C, H, W)."""
+        B, Ft, C, H, W = frames.shape
+        _, ph, pw = self.cfg.patch_size
+        h, w = H // ph, W // pw
+        x = self.patch_embedding(rearrange(frames, "b f c h w -> b c f h w"))          # (B, D, Ft, h, w)
+        x = rearrange(x, "b d f h w -> b (f h w) d")                                  # (B, L, D)
+        with fp32(x.device.type):
+            e = self.time_embedding(sinusoid(self.cfg.freq_dim, 1000 * t).float())    # (B, Ft, D)  [RF] per frame
+            e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))             # (B, Ft, 6, D)
+        rope = rope_cos_sin(pos, h, w, self.cfg.dim // self.cfg.num_heads)
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, e0, rope, mask, text_kv[i], layer_cache, use_reentrant=False)
+            else:
+                x = block(x, e0, rope, mask, text_kv[i], layer_cache)
+        x = self.head(x[:, -n_out * h * w:], e[:, -n_out:])                           # (B, n_out*h*w, ph*pw*C)
+        return rearrange(x, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=n_out, h=h, ph=ph, pw=pw)
+
+    def _mask(self, chunk, stream, tokens_per_frame):
+        """The rule of section 3 for a layout given per frame, as the chosen backend's mask."""
+        chunk, stream = chunk.repeat_interleave(tokens_per_frame), stream.repeat_interleave(tokens_per_frame)
+        backend = self.attn_backend
+        if backend == "flex" or (backend == "auto" and chunk.is_cuda):
+            return flex_block_mask(tuple(chunk.tolist()), tuple(stream.tolist()), str(chunk.device))
+        return dense_mask(chunk, stream)
+
+    def _check(self, x, t):
+        cfg = self.cfg
+        if x.ndim != 5 or x.shape[2] != cfg.in_dim:
+            raise ValueError(f"x must be (B, F, {cfg.in_dim}, H, W), got {tuple(x.shape)}")
+        B, F_, _, H, W = x.shape
+        if H % cfg.patch_size[1] or W % cfg.patch_size[2]:
+            raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {cfg.patch_size[1:]}: "
+                             f"crop or resize frames to a multiple of it")
+        if F_ % cfg.frames_per_chunk:
+            raise ValueError(f"{F_} frames is not a multiple of frames_per_chunk={cfg.frames_per_chunk}")
+        if tuple(t.shape) != (B, F_):
+            raise ValueError(f"t must be (B, F) = ({B}, {F_}), one noise level per frame; got {tuple(t.shape)}")
+
+    # --- the three entry points ------------------------------------------------------------------------------
+
+    def forward(self, x, t, context, history=None):
+        """x: (B, F, C, H, W) noisy frames at t: (B, F); context: (B, Lt, text_dim). Returns v: (B, F, C, H, W).
+
+        history=None: block-causal. history (B, F, C, H, W): two-stream, the sequence [history ; x] [RF]."""
+        self._check(x, t)
+        B, F_, _, H, W = x.shape
+        fpc, dev = self.cfg.frames_per_chunk, x.device
+        if F_ > ROPE_LEN:
+            raise ValueError(f"{F_} frames exceed the RoPE table ({ROPE_LEN} positions)")
+        S = (H // self.cfg.patch_size[1]) * (W // self.cfg.patch_size[2])
+        text_kv = self.encode_text(context)
+        chunk = torch.arange(F_, device=dev) // fpc                                   # chunk id of every frame
+        if history is None:
+            stream = torch.full_like(chunk, HISTORY)      # one stream: the sequence is its own history
+            return self._forward(x, t, chunk * 0 + torch.arange(F_, device=dev), text_kv,
+                                 self._mask(chunk, stream, S), n_out=F_)
+        if history.shape != x.shape:
+            raise ValueError(f"history must have the shape of x {tuple(x.shape)}, got {tuple(history.shape)}")
+        Fh = F_ - fpc                  # [RF] the last history chunk would be seen by itself only: drop it
+        frames = torch.cat([history[:, :Fh].to(x.dtype), x], dim=1)                   # (B, Fh + F, C, H, W)
+        t_all = torch.cat([t.new_zeros(B, Fh), t], dim=1)                             # [RF] history at t = 0
+        pos = torch.cat([torch.arange(Fh, device=dev), torch.arange(F_, device=dev)])  # [RF] H_j, Z_j share RoPE
+        chunk_all = torch.cat([chunk[:Fh], chunk])
+        stream = torch.cat([torch.full_like(chunk[:Fh], HISTORY), torch.full_like(chunk, NOISY)])
+        return self._forward(frames, t_all, pos, text_kv, self._mask(chunk_all, stream, S), n_out=F_)
+
+    def forward_chunk(self, x, t, text_kv, cache, commit=False):
+        """One chunk x: (B, fpc, C, H, W) at t: (B, fpc), attending to itself and every chunk in the cache.
+
+        Its keys and values are written into the cache's next slot; commit=True keeps them there (call it once a
+        chunk is finished, at t = 0), otherwise the next call overwrites them. Returns v: (B, fpc, C, H, W)."""
+        self._check(x, t)
+        fpc = x.shape[1]
+        if cache.frames + fpc > ROPE_LEN:
+            raise ValueError(f"frame {cache.frames + fpc} is past the RoPE table ({ROPE_LEN} positions): "
+                             f"generate at most {ROPE_LEN} frames")
+        pos = torch.arange(cache.frames, cache.frames + fpc, device=x.device)
+        # every cached key is an earlier chunk of the history stream, so the rule allows all keys: no mask
+        v = self._forward(x, t, pos, text_kv, mask=None, n_out=fpc, cache=cache)
+        if commit:
+            cache.commit(fpc, tokens=fpc * _tokens(self, *x.shape[-2:]))
+        return v
+
+
+class LayerKV:
+    """One layer's keys and values of finished chunks, in a buffer allocated once for the whole video."""
+
+    def __init__(self, max_tokens):
+        self.max_tokens, self.length, self.k, self.v = max_tokens, 0, None, None
+
+    def extend(self, k, v):
+        """Write this chunk's (B, L, nh, hd) K/V after the committed ones; return committed + this chunk."""
+        if self.k is None:
+            self.k = k.new_zeros(k.shape[0], self.max_tokens, *k.shape[2:])
+            self.v = torch.zeros_like(self.k)
+        end = self.length + k.shape[1]
+        self.k[:, self.length:end], self.v[:, self.length:end] = k, v
+        return self.k[:, :end], self.v[:, :end]
+
+
+class KVCache:
+    """The KV cache of chunk-by-chunk sampling: per layer, keys (after RoPE) and values of finished chunks."""
+
+    def __init__(self, model: DiT, max_frames, frame_size):
+        cfg = model.cfg
+        S = (frame_size[0] // cfg.patch_size[1]) * (frame_size[1] // cfg.patch_size[2])
+        self.layers = [LayerKV(max_frames * S) for _ in range(cfg.num_layers)]
+        self.frames = 0                                   # committed frames = next chunk's first RoPE position
+
+    def commit(self, frames, tokens):
+        for layer in self.layers:
+            layer.length += tokens
+        self.frames += frames
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+def _randn(shape, generator, device):
+    # noise is drawn on the CPU from a seeded generator: the same seed gives the same video on every device
+    return torch.randn(shape, generator=generator).to(device)
+
+
+@torch.no_grad()
+def generate(model: DiT, context, num_frames, *, steps=32, shift=5.0, cfg_scale=5.0, neg_context=None,
+             prefix=None, size=None, seed=0, use_cache=True, progress=None):
+    """Generate a video chunk by chunk. Returns (B, num_frames, C, H, W); num_frames includes the prefix.
+
+    context: (B, Lt, text_dim) prompt features; neg_context: the unconditional prompt's features (needed when
+    cfg_scale != 1); prefix: (B, P, C, H, W) clean frames to continue from (P a multiple of the chunk);
+    size: (H, W), default prefix's or cfg.frame_size; progress: optional callable(chunk_index) per finished chunk.
+    use_cache=True keeps each finished chunk's K/V (re-encoded once at t = 0); use_cache=False recomputes the
+    block-causal forward over [finished chunks at t = 0 ; current chunk] at every step. Both give the same frames.
+    """
+    cfg, fpc = model.cfg, model.cfg.frames_per_chunk
+    device = next(model.parameters()).device
+    B = context.shape[0]
+    P = 0 if prefix is None else prefix.shape[1]
+    H, W = size or (prefix.shape[-2:] if prefix is not None else cfg.frame_size)
+    if num_frames % fpc or P % fpc:
+        raise ValueError(f"num_frames={num_frames} and prefix frames={P} must be multiples of "
+                         f"frames_per_chunk={fpc}")
+    if not P < num_frames <= ROPE_LEN:
+        raise ValueError(f"num_frames={num_frames} must exceed the prefix ({P}) and be at most the RoPE table "
+                         f"length {ROPE_LEN}")
+    guided = cfg_scale != 1.0
+    if guided:
+        if neg_context is None:
+            raise ValueError("cfg_scale != 1 needs neg_context (the unconditional prompt's features)")
+        context = torch.cat([context, neg_context.expand(B, -1, -1)])   # [cond ; uncond] in one batch
+    text_kv = model.encode_text(context)                                 # once per prompt
+    gen = torch.Generator().manual_seed(seed)
+    sigmas = sampling_sigmas(steps, shift).to(device)[:, None].expand(-1, B)         # (steps + 1, B)
+    video = [] if prefix is None else list(prefix.to(device).split(fpc, dim=1))       # chunks of (B, fpc, C, H, W)
+    cache = KVCache(model, num_frames, (H, W)) if use_cache else None
+    both = (lambda x: torch.cat([x, x])) if guided else (lambda x: x)  # the two CFG branches see the same frames
+
+    def velocity(x, t):
+        if use_cache:
+            v = model.forward_chunk(both(x), both(t), text_kv, cache)
+        else:
+            past = torch.cat(video + [x], dim=1)
+            t_all = torch.cat([t.new_zeros(B, past.shape[1] - fpc), t], dim=1)   # finished chunks at t = 0
+            v = model._forward(both(past), both(t_all), torch.arange(past.shape[1], device=device), text_kv,
+                               model._mask(*_block_causal_layout(past.shape[1], fpc, device), _tokens(model, H, W)),
+                               n_out=fpc)
+        if not guided:
+            return v
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+    zeros = torch.zeros(B, fpc, device=device)
+    if use_cache:
+        for chunk in video:                                              # clean prefix: straight into the cache
+            model.forward_chunk(both(chunk), both(zeros), text_kv, cache, commit=True)
+    for i in range(P // fpc, num_frames // fpc):
+        x = _randn((B, fpc, cfg.in_dim, H, W), gen, device)
+        x = euler(velocity, x, sigmas)
+        video.append(x)
+        if use_cache and i < num_frames // fpc - 1:                      # re-encode the finished chunk at t = 0
+            model.forward_chunk(both(x), both(zeros), text_kv, cache, commit=True)
+        if progress:
+            progress(i)
+    return torch.cat(video, dim=1)
+
+
+def _block_causal_layout(num_frames, fpc, device):
+    chunk = torch.arange(num_frames, device=device) // fpc
+    return chunk, torch.full_like(chunk, HISTORY)
+
+
+def _tokens(model, H, W):
+    return (H // model.cfg.patch_size[1]) * (W // model.cfg.patch_size[2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Training: Resampling Forcing (Algorithm 1)
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=None):
+    """Eq. 5, autoregressive self-resampling: x~^i = x^i_{t_s} denoised to t = 0 conditioned on x~^{<i}.
+
+    clip: (B, F, C, H, W) ground truth; t_s: (B,) one simulation timestep per video. Chunk by chunk with the KV
+    cache, online weights, no gradient: the same chunk step the sampler uses, started from x_{t_s} instead of noise,
+    with `steps` Euler steps and no CFG. The last chunk is never anyone's history, so it is returned unchanged."""
+    B, F_, C, H, W = clip.shape
+    fpc = model.cfg.frames_per_chunk
+    text_kv = model.encode_text(context)
+    cache = KVCache(model, F_ - fpc, (H, W))
+    # NOTE(choice): with more than one step, the grid is uniform from t_s to 0 (the paper uses 1 step).
+    sigmas = t_s.to(clip.device)[None] * torch.linspace(1, 0, steps + 1, device=clip.device)[:, None]  # (steps+1, B)
+    ts = t_s.to(clip.device)[:, None].expand(B, fpc)
+    out = clip.clone()
+    for i in range(F_ // fpc - 1):
+        x0 = clip[:, i * fpc:(i + 1) * fpc]
+        x = add_noise(x0, _randn(x0.shape, generator, clip.device).to(x0.dtype), ts)  # fresh noise, not the loss's
+        x = euler(lambda x, t: model.forward_chunk(x, t, text_kv, cache), x, sigmas)
+        model.forward_chunk(x, torch.zeros_like(ts), text_kv, cache, commit=True)    # write x~^i at t = 0
+        out[:, i * fpc:(i + 1) * fpc] = x
+    return out
+
+
+@torch.no_grad()
+def degrade_history(model: DiT, clip, context, mode, generator=None):
+    """The history the noisy chunks are conditioned on. Returns (B, F, C, H, W).
+
+    none            teacher forcing: the ground truth
+    noise           Gaussian noise augmentation: x_tau, tau ~ U(0, noise_aug_max) per video
+    parallel        every chunk resampled from x_{t_s} at once, conditioned on ground-truth history
+    autoregressive  the method: chunk i resampled conditioned on the already resampled chunks < i
+    """
+    cfg = model.cfg
+    B, F_ = clip.shape[:2]
+    if mode == "none":
+        return clip
+    if mode == "noise":
+        tau = torch.rand(B, 1, generator=generator).expand(B, F_).to(clip.device) * cfg.noise_aug_max
+        return add_noise(clip, _randn(clip.shape, generator, clip.device).to(clip.dtype), tau)
+    # Algorithm 1, lines 2-3: one simulation timestep per video, logit-normal, shifted with s < 1 toward clean
+    t_s = shift_t(logit_normal(B, generator), cfg.resample_shift)                    # (B,)
+    if mode == "autoregressive":
+        return resample_autoregressive(model, clip, context, t_s, cfg.resample_steps, generator)
+    if mode == "parallel":
+        sigmas = t_s.to(clip.device)[None] * torch.linspace(1, 0, cfg.resample_steps + 1, device=clip.device)[:, None]
+        x = add_noise(clip, _randn(clip.shape, generator, clip.device).to(clip.dtype), sigmas[0][:, None].expand(B, F_))
+        return euler(lambda x, t: model(x, t, context, history=clip), x, sigmas)
+    raise ValueError(f"unknown degrade mode {mode!r}: choose one of {DEGRADE_MODES}")
+
+
+def training_loss(model: DiT, clip, context, mode=None, generator=None):
+    """One Resampling Forcing (or teacher forcing) loss. clip: (B, F, C, H, W) clean; context: (B, Lt, text_dim).
+
+    Returns (loss, chunk_loss (B, N), chunk_t (B, N)); the last two are detached, for logging by noise level."""
+    cfg, fpc = model.cfg, model.cfg.frames_per_chunk
+    B, F_ = clip.shape[:2]
+    N = F_ // fpc
+    history = degrade_history(model, clip, context, mode or cfg.degrade, generator)   # lines 2-5 (no grad)
+    t = sample_train_t(cfg, B, N, generator).to(clip.device)                          # line 6: (B, N)
+    t_frames = t.repeat_interleave(fpc, dim=1)                                        # (B, F)
+    eps = _randn(clip.shape, generator, clip.device).to(clip.dtype)
+    v = model(add_noise(clip, eps, t_frames), t_frames, context, history=history)     # line 7: one forward
+    err = (v.float() - (eps - clip).float()).pow(2).mean(dim=(2, 3, 4))               # (B, F); target: GT always
+    chunk_loss = err.unflatten(1, (N, fpc)).mean(2)                                   # (B, N)
+    return chunk_loss.mean(), chunk_loss.detach(), t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. The toy caption encoder; saving and loading
+# ----------------------------------------------------------------------------------------------------------------
+
+class CaptionEncoder(nn.Module):
+    """Stands in for umT5 in the toy: token ids (B, Lt) -> features (B, Lt, text_dim), zero at padding (id 0).
+
+    One small transformer layer, so a colour can bind to the shape after it. Zeroing the padded rows mirrors
+    Wan's zero-padded text; the empty caption (all padding) is the unconditional prompt of CFG."""
+
+    def __init__(self, vocab_size, text_dim, text_len):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, text_dim)
+        self.pos = nn.Parameter(torch.randn(text_len, text_dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(text_dim, nhead=2, dim_feedforward=2 * text_dim,
+                                                dropout=0.0, batch_first=True, norm_first=True)
+
+    def forward(self, ids):
+        x = self.layer(self.embed(ids) + self.pos[: ids.shape[1]])
+        return x * (ids != 0).unsqueeze(-1)
+
+
+def save_checkpoint(path, tensors: dict, meta: dict):
+    """Write a self-describing checkpoint folder: `{name}.safetensors` for each group of tensors and meta.json
+    (config, training state). Written under a temporary name and renamed into place, so a crash mid-save never
+    leaves a half-written checkpoint under the real name."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, group in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    for f in tmp.iterdir():                                   # on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint folder -> (meta dict, {group name: {key: tensor}}). Never unpickles anything."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {path}/meta.json): pass a folder written by "
+                                f"train.py, e.g. runs/toy/latest")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); use an earlier one") from None
+    return meta, tensors
+
+
+def load_state_strict(module: nn.Module, state: dict, what="weights"):
+    """load_state_dict(strict=True) with an error that names every missing, unexpected or mis-shaped key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        def few(xs):
+            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        problems = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                    f"wrong shape {few(shapes)}" if shapes else ""]
+        raise ValueError(f"{what} do not match the model: " + "; ".join(p for p in problems if p)
+                         + ". Build the model with the config saved next to these weights.")
+    module.load_state_dict(state, strict=True)
+
+
+def config_from_dict(d: dict) -> Config:
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}: this checkpoint was written by a different version of rf.py")
+    return Config(**d)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
