@@ -76,6 +76,10 @@ class Config:
     noise_aug_max: float = 0.1         # "noise" mode: history = x_tau with tau ~ U(0, noise_aug_max)
     train_t: str = "logit_normal"      # per-chunk training t: logit_normal | uniform, then shifted by train_shift
     train_shift: float = 1.0
+    # sampling defaults (paper: 32 Euler steps, shift 5, CFG 5)
+    sample_steps: int = 32
+    sample_shift: float = 5.0
+    sample_cfg: float = 5.0
 
     def __post_init__(self):
         self.patch_size, self.frame_size = tuple(self.patch_size), tuple(self.frame_size)  # JSON gives lists
@@ -94,7 +98,8 @@ DEGRADE_MODES = ("none", "noise", "parallel", "autoregressive")
 PRESETS = {
     # Sized for a 2-core CPU: 32x32 RGB frames (pixels are the "latents"), 4x4 patches -> 64 tokens per frame.
     "toy": dict(dim=128, ffn_dim=512, freq_dim=64, num_heads=4, num_layers=4, text_len=8, text_dim=64,
-                in_dim=3, out_dim=3, patch_size=(1, 4, 4), frames_per_chunk=2, frame_size=(32, 32)),
+                in_dim=3, out_dim=3, patch_size=(1, 4, 4), frames_per_chunk=2, frame_size=(32, 32),
+                sample_steps=16, sample_shift=1.0, sample_cfg=3.0),
     # The real model: 1,418,996,800 parameters, 825 checkpoint keys.
     # NOTE(choice): the paper does not give the distribution of the training t. For Wan we follow Self-Forcing's
     # teacher forcing (uniform, shifted by 5 like the sampler), which keeps fine-tuning close to how Wan samples.
@@ -551,17 +556,19 @@ def _randn(shape, generator, device):
 
 
 @torch.no_grad()
-def generate(model: DiT, context, num_frames, *, steps=32, shift=5.0, cfg_scale=5.0, neg_context=None,
+def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_scale=None, neg_context=None,
              prefix=None, size=None, seed=0, use_cache=True, progress=None):
     """Generate a video chunk by chunk. Returns (B, num_frames, C, H, W); num_frames includes the prefix.
 
     context: (B, Lt, text_dim) prompt features; neg_context: the unconditional prompt's features (needed when
-    cfg_scale != 1); prefix: (B, P, C, H, W) clean frames to continue from (P a multiple of the chunk);
+    cfg_scale != 1); steps, shift, cfg_scale default to cfg.sample_*; prefix: (B, P, C, H, W) clean frames to continue from (P a multiple of the chunk);
     size: (H, W), default prefix's or cfg.frame_size; progress: optional callable(chunk_index) per finished chunk.
     use_cache=True keeps each finished chunk's K/V (re-encoded once at t = 0); use_cache=False recomputes the
     block-causal forward over [finished chunks at t = 0 ; current chunk] at every step. Both give the same frames.
     """
     cfg, fpc = model.cfg, model.cfg.frames_per_chunk
+    steps, shift = steps or cfg.sample_steps, shift or cfg.sample_shift
+    cfg_scale = cfg.sample_cfg if cfg_scale is None else cfg_scale
     device = next(model.parameters()).device
     B = context.shape[0]
     P = 0 if prefix is None else prefix.shape[1]

@@ -1,0 +1,91 @@
+"""
+Core benchmark: training step time (teacher forcing vs Resampling Forcing) and sampling time with and without the
+KV cache. Prints medians over repeats, measured side by side in one process.
+
+    python benchmarks/core.py                 # toy preset, CPU or the GPU present
+    python benchmarks/core.py --repeats 7 --chunks 16
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import rf  # noqa: E402
+
+
+def timed(fn, repeats, device):
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="toy")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--clip_frames", type=int, default=8)
+    p.add_argument("--chunks", type=int, default=16, help="chunks generated in the sampling benchmark")
+    p.add_argument("--sample_steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; preset {args.preset}")
+
+    torch.manual_seed(0)
+    cfg = rf.preset(args.preset)
+    model = rf.DiT(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    H, W = cfg.frame_size
+    clip = torch.rand(args.batch_size, args.clip_frames, cfg.in_dim, H, W, device=device) * 2 - 1
+    context = torch.randn(args.batch_size, cfg.text_len, cfg.text_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step(mode):
+        with autocast:
+            loss, _, _ = rf.training_loss(model, clip, context, mode=mode)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step("none"), step("autoregressive")                                         # warm-up
+    results = {}
+    for _ in range(args.repeats):                         # interleaved, so drift in machine load hits both alike
+        for mode in ("none", "autoregressive"):
+            results.setdefault(mode, []).append(timed(lambda: step(mode), 1, device)[0])
+    tf, rs = statistics.median(results["none"]), statistics.median(results["autoregressive"])
+    print(f"training step, batch {args.batch_size} x {args.clip_frames} frames "
+          f"({args.clip_frames // cfg.frames_per_chunk} chunks):")
+    print(f"  teacher forcing      {tf:.3f} s  ({1 / tf:.2f} steps/s)")
+    print(f"  Resampling Forcing   {rs:.3f} s  ({1 / rs:.2f} steps/s)")
+    print(f"  ratio RF / TF        {rs / tf:.2f}   (target <= 1.6)")
+
+    model.eval()
+    frames = args.chunks * cfg.frames_per_chunk
+    ctx = context[:1]
+    times = {}
+    for _ in range(max(1, args.repeats // 2)):
+        for use_cache in (True, False):
+            times.setdefault(use_cache, []).append(timed(lambda: rf.generate(
+                model, ctx, frames, steps=args.sample_steps, cfg_scale=1.0, use_cache=use_cache), 1, device)[0])
+    cached, uncached = statistics.median(times[True]), statistics.median(times[False])
+    print(f"sampling {args.chunks} chunks ({frames} frames), {args.sample_steps} Euler steps, batch 1, no CFG:")
+    print(f"  with KV cache        {cached:.2f} s")
+    print(f"  without (recompute)  {uncached:.2f} s")
+    print(f"  ratio cached / not   {cached / uncached:.3f}   (target <= 0.25)")
+
+
+if __name__ == "__main__":
+    main()

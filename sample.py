@@ -1,0 +1,187 @@
+"""
+sample.py -- generate videos chunk by chunk from a checkpoint written by train.py.
+
+    python sample.py                                   # continue 4 held-out test clips, side by side with truth
+    python sample.py --caption "red circle, blue square" --frames 48
+    python sample.py --ckpt runs/toy/latest --seed 3 --no-ema
+
+Writes samples.gif, samples.mp4 (when imageio-ffmpeg is installed) and contact_sheet.png to --out. The model is
+rebuilt from the checkpoint alone (its config.json says what it is); nothing is guessed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import rf
+from tiny_data import shapes
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="runs/toy/latest", help="checkpoint folder written by train.py")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt>/../samples)")
+    p.add_argument("--caption", default=None, help='e.g. "red circle, blue square"; default: test-set clips')
+    p.add_argument("--num", type=int, default=4, help="number of videos")
+    p.add_argument("--frames", type=int, default=24, help="frames per video, prefix included")
+    p.add_argument("--prefix_frames", type=int, default=None,
+                   help="clean test-clip frames to continue from (default: one chunk; 0 with --caption)")
+    p.add_argument("--test_data", default="tiny_data/test.npz")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample_steps)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: sample_shift)")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: sample_cfg)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    p.add_argument("--no_cache", action="store_true", help="recompute the history at every step (reference path)")
+    p.add_argument("--device", default="auto")
+    return p.parse_args(argv)
+
+
+def load_models(ckpt, use_ema, device):
+    """-> (dit, text_encoder, meta), rebuilt from the checkpoint folder alone."""
+    try:
+        meta, tensors = rf.load_checkpoint(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    cfg = rf.config_from_dict(meta["config"])
+    suffix = "_ema" if use_ema else ""
+    dit = rf.DiT(cfg)
+    text_encoder = rf.CaptionEncoder(len(meta["vocab"]), cfg.text_dim, cfg.text_len)
+    for name, module in (("dit", dit), ("text_encoder", text_encoder)):
+        if name + suffix not in tensors:
+            sys.exit(f"error: {ckpt} has no {name + suffix}.safetensors" + (" (try --no-ema)" if use_ema else ""))
+        try:
+            rf.load_state_strict(module, tensors[name + suffix], f"{ckpt}/{name + suffix}.safetensors")
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+    return dit.to(device).eval(), text_encoder.to(device).eval(), meta
+
+
+def to_uint8(video):
+    """(B, F, 3, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8."""
+    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def grid_frames(rows, scale=4, gap=2):
+    """rows: list of (F, H, W, 3) uint8 videos, one row each, side by side in columns of `per_row`.
+    -> (F, H', W', 3): one grid image per frame, upscaled by nearest neighbour so small frames stay crisp."""
+    F_, H, W, _ = rows[0][0].shape
+    cols = len(rows[0])
+    out = np.full((F_, len(rows) * (H * scale + gap) - gap, cols * (W * scale + gap) - gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c, vid in enumerate(row):
+            big = vid.repeat(scale, 1).repeat(scale, 2)
+            y, x = r * (H * scale + gap), c * (W * scale + gap)
+            out[:, y:y + H * scale, x:x + W * scale] = big
+    return out
+
+
+def save_gif(frames, path, fps=8, boundary=None):
+    """frames (F, H, W, 3) uint8 -> an endlessly looping GIF; a red bar marks frames past `boundary`."""
+    imgs = []
+    for i, f in enumerate(frames):
+        img = Image.fromarray(f)
+        if boundary is not None and i >= boundary:
+            ImageDraw.Draw(img).rectangle([0, 0, img.width - 1, 2], fill=(220, 40, 40))
+        imgs.append(img)
+    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
+
+
+def save_mp4(frames, path, fps=8):
+    try:
+        import imageio.v2 as imageio
+        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary)
+    except ImportError:
+        print("note: no MP4 (pip install imageio imageio-ffmpeg)")
+        return False
+    h, w = frames.shape[1:3]
+    frames = np.pad(frames, ((0, 0), (0, (-h) % 16), (0, (-w) % 16), (0, 0)), constant_values=255)
+    imageio.mimsave(path, list(frames), fps=fps, macro_block_size=16)
+    return True
+
+
+def save_contact_sheet(rows, labels, path, every=2, scale=3):
+    """One line of frames per video (every `every`-th frame), labelled on the left."""
+    frames = [np.concatenate(list(v[::every]), axis=1) for v in rows]              # (H, F/every * W, 3)
+    label_w = 180
+    H, W = frames[0].shape[:2]
+    sheet = Image.new("RGB", (label_w + W * scale, len(frames) * (H * scale + 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (f, label) in enumerate(zip(frames, labels)):
+        y = i * (H * scale + 4)
+        sheet.paste(Image.fromarray(f).resize((W * scale, H * scale), Image.NEAREST), (label_w, y))
+        draw.text((4, y + H * scale // 2 - 6), label, fill="black")
+    sheet.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    dit, text_encoder, meta = load_models(args.ckpt, args.ema, device)
+    cfg, fpc = dit.cfg, dit.cfg.frames_per_chunk
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "samples"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"checkpoint {args.ckpt} (step {meta['step']}, {meta['stage']}), "
+          f"{'EMA' if args.ema else 'online'} weights, seed {args.seed}, device {device}")
+
+    prefix_frames = args.prefix_frames if args.prefix_frames is not None else (0 if args.caption else fpc)
+    truth = None
+    if args.caption is not None:
+        captions = [args.caption] * args.num
+        if prefix_frames:
+            sys.exit("error: --prefix_frames needs test clips: drop --caption to continue test-set clips")
+    else:
+        test = shapes.load_dataset(args.test_data)
+        if args.frames > test["frames"].shape[1]:
+            print(f"note: test clips have {test['frames'].shape[1]} frames; truth shown up to there")
+        captions = test["captions"][:args.num]
+        truth = torch.from_numpy(test["frames"][:args.num]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+    for name, n in (("--frames", args.frames), ("--prefix_frames", prefix_frames)):
+        if n % fpc:
+            sys.exit(f"error: {name} {n} is not a multiple of the chunk ({fpc} frames): use {n - n % fpc or fpc}")
+    try:
+        ids = torch.stack([torch.from_numpy(shapes.tokenize(c, cfg.text_len)) for c in captions]).to(device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    prefix = truth[:, :prefix_frames].to(device) if prefix_frames else None
+
+    with torch.no_grad():
+        context = text_encoder(ids)
+        neg_context = text_encoder(torch.from_numpy(shapes.tokenize("", cfg.text_len))[None].to(device))
+    n_chunks = (args.frames - prefix_frames) // fpc
+    bar = tqdm(total=n_chunks, desc="chunks", dynamic_ncols=True)
+    try:
+        video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+                            neg_context=neg_context, prefix=prefix, seed=args.seed,
+                            use_cache=not args.no_cache, progress=lambda i: bar.update())
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    bar.close()
+
+    gen = to_uint8(video)
+    if truth is not None:                                 # truth | generated, one row per clip
+        tru = to_uint8(truth[:, :args.frames])
+        if tru.shape[1] < gen.shape[1]:                   # past the end of the test clip: blank truth
+            tru = np.concatenate([tru, np.full_like(gen[:, tru.shape[1]:], 255)], axis=1)
+        rows = [[t, g] for t, g in zip(tru, gen)]
+        sheet_rows = [v for t, g in zip(tru, gen) for v in (t, g)]
+        labels = [lab for c in captions for lab in (f"truth: {c}", "generated")]
+    else:
+        rows = [[g] for g in gen]
+        sheet_rows, labels = list(gen), list(captions)
+    frames = grid_frames(rows)
+    save_gif(frames, out / "samples.gif", boundary=prefix_frames or None)
+    wrote_mp4 = save_mp4(frames, out / "samples.mp4")
+    save_contact_sheet(sheet_rows, labels, out / "contact_sheet.png")
+    print(f"wrote {out / 'samples.gif'}{', samples.mp4' if wrote_mp4 else ''}, contact_sheet.png "
+          f"({args.num} videos x {args.frames} frames, {prefix_frames} prefix frames)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""train.py and sample.py end to end, at a tiny size: what a user runs and what a user sees."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rf
+import sample
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--dim", "32", "--ffn_dim", "64", "--num_heads", "2", "--num_layers", "1", "--batch_size", "2",
+        "--clip_frames", "4", "--data", str(ROOT / "tiny_data/train.npz"), "--log_every", "1"]
+
+
+def run_train(out, *extra):
+    train.main(TINY + ["--out", str(out), *extra])
+
+
+def exit_message(excinfo):
+    return str(excinfo.value.code)
+
+
+def test_train_then_sample_end_to_end(tmp_path):
+    run_train(tmp_path, "--steps", "4", "--warmup_steps", "2", "--ckpt_every", "2")
+    ckpts = sorted(p.name for p in tmp_path.glob("step_*"))
+    assert ckpts == ["step_0000002", "step_0000004"]
+    latest = tmp_path / "latest"
+    assert latest.resolve().name == "step_0000004"
+    meta = json.loads((latest / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["stage"] == "resampling_forcing" and meta["config"]["dim"] == 32
+    for name in ("dit", "dit_ema", "text_encoder", "text_encoder_ema", "train_state"):
+        assert (latest / f"{name}.safetensors").is_file()
+    assert "patch_embedding.weight" in load_file(str(latest / "dit.safetensors"))   # Wan key names
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["mode"] for r in rows] == ["none", "none", "autoregressive", "autoregressive"]
+    for f in ("samples.gif", "contact_sheet.png"):
+        assert (tmp_path / "samples" / f).stat().st_size > 1000
+
+
+def test_sample_from_caption_and_errors(tmp_path, capsys):
+    run_train(tmp_path, "--steps", "1", "--no-sample")
+    out = tmp_path / "s"
+    sample.main(["--ckpt", str(tmp_path / "latest"), "--caption", "red circle", "--num", "2", "--frames", "6",
+                 "--steps", "2", "--out", str(out), "--seed", "5"])
+    printed = capsys.readouterr().out
+    assert "EMA weights" in printed and "seed 5" in printed
+    assert (out / "samples.gif").is_file() and (out / "contact_sheet.png").is_file()
+
+    cases = [(["--ckpt", str(tmp_path / "nope")], "no checkpoint at"),
+             (["--caption", "purple circle"], "purple"),
+             (["--caption", "red circle", "--frames", "5"], "not a multiple of the chunk"),
+             (["--frames", "2000", "--caption", "red circle"], "RoPE table")]
+    for argv, expected in cases:
+        argv = ["--ckpt", str(tmp_path / "latest"), "--out", str(out)] + argv if argv[0] != "--ckpt" else argv
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv)
+        assert expected in exit_message(e), (argv, exit_message(e))
+
+
+def test_resume_is_exact(tmp_path):
+    """An interrupted run resumed with --resume ends with the same weights as the uninterrupted run (bitwise)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_train(a, "--steps", "6", "--warmup_steps", "2", "--ckpt_every", "6", "--no-sample")
+    run_train(b, "--steps", "3", "--warmup_steps", "2", "--ckpt_every", "3", "--no-sample")
+    run_train(b, "--steps", "6", "--resume", "--no-sample")
+    for name in ("dit", "dit_ema", "text_encoder", "train_state"):
+        wa = load_file(str(a / "step_0000006" / f"{name}.safetensors"))
+        wb = load_file(str(b / "step_0000006" / f"{name}.safetensors"))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), (name, k)
+    la = [json.loads(line) for line in open(a / "log.jsonl")]
+    lb = [json.loads(line) for line in open(b / "log.jsonl")]
+    assert la == lb
+
+
+def test_train_refuses_to_clobber_or_guess(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "empty", "--resume")
+    assert "no checkpoint" in exit_message(e)
+    run_train(tmp_path / "r", "--steps", "1", "--no-sample")
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "r", "--steps", "2")
+    assert "already holds a run" in exit_message(e)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "r", "--steps", "2", "--resume", "--dim", "64")
+    assert "dim" in exit_message(e)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    run_train(tmp_path, "--steps", "2", "--ckpt_every", "2", "--no-sample")
+    before = load_file(str(tmp_path / "step_0000002" / "dit.safetensors"))
+    real = rf.training_loss
+
+    def poisoned(*args, **kwargs):
+        loss, chunk_loss, t = real(*args, **kwargs)
+        return loss * float("nan"), chunk_loss, t
+
+    monkeypatch.setattr(rf, "training_loss", poisoned)
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--steps", "4", "--resume", "--no-sample")
+    msg = exit_message(e)
+    assert "non-finite loss" in msg and "step 2" in msg and "step_0000002" in msg
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002"]
+    after = load_file(str(tmp_path / "step_0000002" / "dit.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_help_lists_model_options(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["-h"])
+    text = capsys.readouterr().out
+    for option in ("--warmup_steps", "--degrade", "--frames_per_chunk", "--resample_shift", "--resume"):
+        assert option in text

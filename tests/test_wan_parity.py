@@ -1,0 +1,162 @@
+"""Wan2.1 parity against an independent implementation: diffusers' WanTransformer3DModel.
+
+A tiny diffusers model gets random values in EVERY parameter (modulation tables, norms, proj_out included), its
+state dict is renamed to Wan's key names (the reverse of the mapping in shared/notes/wan.md section 5) and loaded
+into rf.DiT with load_state_strict. With one chunk covering all frames, rf's forward is bidirectional like Wan's,
+so both must give the same velocity in fp32:
+    rf:        x (B, F, C, H, W), t (B, F) in [0, 1] (x1000 inside), context (B, Lt, text_dim) (zero-padded inside)
+    diffusers: hidden_states (B, C, F, H, W), timestep 1000 t, encoder_hidden_states zero-padded to text_len by us
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rf
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import WanTransformer3DModel  # noqa: E402
+
+HEADS, HEAD_DIM, FFN, LAYERS, TEXT_DIM, FREQ_DIM, CH, PATCH = 2, 32, 128, 2, 32, 32, 4, (1, 2, 2)
+TEXT_LEN = 8
+B, NF, H, W, LT = 2, 3, 8, 8, 5          # 3 frames of 4x4 tokens; 5 real text tokens, padded to 8
+S = (H // PATCH[1]) * (W // PATCH[2])
+
+BLOCK_RENAMES = [                          # diffusers name inside blocks.N -> Wan name (first match wins)
+    ("scale_shift_table", "modulation"),
+    ("attn1.to_out.0.", "self_attn.o."),
+    ("attn1.to_", "self_attn."),           # to_q / to_k / to_v -> q / k / v
+    ("attn1.", "self_attn."),              # norm_q / norm_k
+    ("attn2.to_out.0.", "cross_attn.o."),
+    ("attn2.to_", "cross_attn."),
+    ("attn2.", "cross_attn."),
+    ("norm2.", "norm3."),                  # the affine cross-attn norm: norm2 in diffusers, norm3 in Wan
+    ("ffn.net.0.proj.", "ffn.0."),
+    ("ffn.net.2.", "ffn.2."),
+]
+TOP_RENAMES = [
+    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
+    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
+    ("condition_embedder.time_proj.", "time_projection.1."),
+    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
+    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
+    ("proj_out.", "head.head."),
+    ("patch_embedding.", "patch_embedding."),
+]
+
+
+def diffusers_to_wan_key(key):
+    if key == "scale_shift_table":                     # the top-level table is the head's modulation
+        return "head.modulation"
+    if key.startswith("blocks."):
+        _, n, rest = key.split(".", 2)
+        for old, new in BLOCK_RENAMES:
+            if rest.startswith(old):
+                return f"blocks.{n}.{new}{rest[len(old):]}"
+    for old, new in TOP_RENAMES:
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise KeyError(f"no Wan name for diffusers key {key!r}")
+
+
+def diffusers_to_wan(state):
+    out = {diffusers_to_wan_key(k): v for k, v in state.items()}
+    assert len(out) == len(state), "two diffusers keys mapped to one Wan key"
+    return out
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(patch_size=PATCH, num_attention_heads=HEADS, attention_head_dim=HEAD_DIM,
+                                in_channels=CH, out_channels=CH, text_dim=TEXT_DIM, freq_dim=FREQ_DIM, ffn_dim=FFN,
+                                num_layers=LAYERS).float().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():       # every parameter random, none at its init value
+            noise = torch.randn(p.shape, generator=g)
+            if "scale_shift_table" in name:
+                p.copy_(0.5 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif p.ndim == 1:                          # norm weights (RMSNorm q/k, affine cross-attn LayerNorm)
+                p.copy_(1 + 0.3 * noise)
+            else:                                      # Linear / Conv weights, scaled by fan-in
+                p.copy_(noise / math.sqrt(p[0].numel()))
+    cfg = rf.Config(dim=HEADS * HEAD_DIM, ffn_dim=FFN, freq_dim=FREQ_DIM, num_heads=HEADS, num_layers=LAYERS,
+                    text_len=TEXT_LEN, text_dim=TEXT_DIM, in_dim=CH, out_dim=CH, patch_size=PATCH,
+                    frames_per_chunk=NF, frame_size=(H, W))
+    ours = rf.DiT(cfg).eval()
+    rf.load_state_strict(ours, diffusers_to_wan(ref.state_dict()), what="converted diffusers weights")
+    return ref, ours
+
+
+def inputs(seed=2):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, NF, CH, H, W, generator=g)
+    ctx = torch.randn(B, LT, TEXT_DIM, generator=g)
+    return x, ctx
+
+
+def run_diffusers(ref, x, timestep, ctx, pad=True):
+    if pad:
+        ctx = F.pad(ctx, (0, 0, 0, TEXT_LEN - ctx.shape[1]))
+    out = ref(hidden_states=x.permute(0, 2, 1, 3, 4), timestep=timestep, encoder_hidden_states=ctx,
+              return_dict=False)[0]
+    return out.permute(0, 2, 1, 3, 4)                # (B, C, F, H, W) -> (B, F, C, H, W)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_key_mapping_covers_every_key(models):
+    ref, ours = models
+    conv = diffusers_to_wan(ref.state_dict())
+    own = ours.state_dict()
+    assert set(conv) == set(own)
+    assert all(conv[k].shape == own[k].shape and torch.equal(conv[k], own[k]) for k in own)
+    # the swap matters: the affine diffusers norm2 is Wan's norm3 (Wan's norm1/norm2 have no parameters)
+    assert "blocks.0.norm3.weight" in own and not any(".norm2." in k or ".norm1." in k for k in own)
+
+
+@torch.no_grad()
+def test_parity_same_t(models):
+    ref, ours = models
+    x, ctx = inputs()
+    errs = []
+    for tb in (torch.tensor([0.3, 0.85]), torch.tensor([0.0, 1.0])):
+        v_ours = ours(x, tb[:, None].expand(B, NF), ctx)
+        v_ref = run_diffusers(ref, x, 1000 * tb, ctx)
+        assert v_ref.shape == v_ours.shape == x.shape
+        errs.append(rel_err(v_ours, v_ref))
+    print(f"\nparity, same t for all frames: relative errors {[f'{e:.2e}' for e in errs]}")
+    assert max(errs) <= 1e-4, errs
+    # wrong variants do differ: unpadded text, t not scaled by 1000, a causal (chunked) rf forward
+    tb = torch.tensor([0.3, 0.85])
+    v_ref = run_diffusers(ref, x, 1000 * tb, ctx)
+    assert rel_err(run_diffusers(ref, x, 1000 * tb, ctx, pad=False), v_ref) > 1e-3
+    assert rel_err(run_diffusers(ref, x, tb, ctx), v_ref) > 1e-3
+    causal = rf.DiT(rf.Config(**{**rf.config_to_dict(ours.cfg), "frames_per_chunk": 1})).eval()
+    causal.load_state_dict(ours.state_dict())
+    assert rel_err(causal(x, tb[:, None].expand(B, NF), ctx), v_ref) > 1e-3
+
+
+@torch.no_grad()
+def test_parity_per_frame_t(models):
+    """rf's per-frame t (B, F) against diffusers' per-token timestep (B, L): per-frame modulation of every block
+    and of the head, checked against an independent implementation."""
+    ref, ours = models
+    x, ctx = inputs(seed=3)
+    t = torch.tensor([[0.1, 0.5, 0.95], [0.7, 0.0, 0.3]])          # (B, F), all different
+    v_ours = ours(x, t, ctx)
+    v_ref = run_diffusers(ref, x, (1000 * t).repeat_interleave(S, dim=1), ctx)   # tokens are (f, h, w)-major
+    err = rel_err(v_ours, v_ref)
+    print(f"\nparity, per-frame t: relative error {err:.2e}")
+    assert err <= 1e-4, err
+    # wrong variants: frames' t permuted, or one t for the whole video
+    perm = t[:, [2, 0, 1]]
+    assert rel_err(run_diffusers(ref, x, (1000 * perm).repeat_interleave(S, dim=1), ctx), v_ref) > 1e-3
+    assert rel_err(ours(x, t.mean(1, keepdim=True).expand(B, NF), ctx), v_ref) > 1e-3

@@ -1,0 +1,299 @@
+"""
+train.py -- train a causal Wan-style DiT with Resampling Forcing.
+
+    python train.py                      # toy preset on tiny_data/, CPU or one GPU, a few minutes
+    python train.py --steps 3000 --out runs/long
+    python train.py --resume             # continue the run in --out from its latest checkpoint
+    python train.py -h                   # every option; model options override the preset
+
+The loop: teacher-forcing warm-up for --warmup_steps (history = ground truth), then Resampling Forcing (history
+self-degraded by the model, `--degrade`). Everything that is the method lives in rf.training_loss.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import rf
+from tiny_data import shapes
+
+
+@dataclass
+class Train:
+    preset: str = "toy"
+    data: str = "tiny_data/train.npz"
+    out: str = "runs/toy"
+    steps: int = 1200
+    warmup_steps: int = 400           # teacher forcing first: early on the model's errors are noise, not drift
+    batch_size: int = 8
+    clip_frames: int = 12             # frames per training clip (6 chunks of 2 in the toy)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema: float = 0.995
+    caption_dropout: float = 0.1      # empty caption this often, so classifier-free guidance has something to use
+    log_every: int = 100
+    ckpt_every: int = 300
+    keep_last: int = 3
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    sample: bool = True               # write sample GIFs with sample.py at the end
+
+
+T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat average hides progress
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line: argparse generated from the dataclasses, so every field is an option and -h lists them all
+# ----------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Train):
+        if f.type is bool or isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"default: {f.default}")
+    model = p.add_argument_group("model and method (override the preset)")
+    for f in dataclasses.fields(rf.Config):
+        default = getattr(rf.Config, f.name)
+        if isinstance(default, tuple):
+            model.add_argument(f"--{f.name}", type=int, nargs=len(default), default=None)
+        else:
+            model.add_argument(f"--{f.name}", type=type(default), default=None)
+    a = vars(p.parse_args(argv))
+    train = Train(**{f.name: a[f.name] for f in dataclasses.fields(Train)})
+    overrides = {f.name: a[f.name] for f in dataclasses.fields(rf.Config) if a[f.name] is not None}
+    return train, overrides
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data: the whole toy set fits in memory as uint8
+# ----------------------------------------------------------------------------------------------------------------
+
+class Clips:
+    """Clips (N, F, H, W, 3) uint8 + captions. Batches come in a stateless order (a permutation per epoch from
+    the seed), so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, path, clip_frames, text_len, seed):
+        data = shapes.load_dataset(path)
+        self.frames = torch.from_numpy(data["frames"])
+        self.ids = torch.stack([torch.from_numpy(shapes.tokenize(c, text_len)) for c in data["captions"]])
+        self.empty = torch.from_numpy(shapes.tokenize("", text_len))
+        self.clip_frames, self.seed = clip_frames, seed
+        if self.frames.shape[1] < clip_frames:
+            raise ValueError(f"{path} has clips of {self.frames.shape[1]} frames, fewer than --clip_frames "
+                             f"{clip_frames}")
+
+    def batch(self, step, batch_size, generator, caption_dropout):
+        """-> clip (B, F, 3, H, W) in [-1, 1], caption ids (B, Lt)."""
+        n, k = len(self.frames), step * batch_size              # k: position in the endless stream of clips
+        orders = [torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+                  for epoch in range(k // n, (k + batch_size - 1) // n + 1)]
+        idx = torch.cat(orders)[k % n:k % n + batch_size]
+        start = torch.randint(0, self.frames.shape[1] - self.clip_frames + 1, (1,), generator=generator).item()
+        clip = self.frames[idx, start:start + self.clip_frames].permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        ids = self.ids[idx].clone()
+        ids[torch.rand(batch_size, generator=generator) < caption_dropout] = self.empty
+        return clip, ids
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: a folder per save, written atomically; `latest` is the newest complete one
+# ----------------------------------------------------------------------------------------------------------------
+
+def checkpoints(out):
+    return sorted(p for p in Path(out).glob("step_*") if (p / "meta.json").is_file())
+
+
+def optimizer_tensors(opt):
+    sd = opt.state_dict()
+    tensors = {f"{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt, tensors, param_groups):
+    state = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def save(out, step, models, emas, opt, gen, cfg, train, keep_last):
+    groups = {name: m.state_dict() for name, m in models.items()}
+    groups |= {f"{name}_ema": m.state_dict() for name, m in emas.items()}
+    opt_tensors, param_groups = optimizer_tensors(opt)
+    groups["train_state"] = opt_tensors | {"rng": gen.get_state()}
+    meta = dict(config=rf.config_to_dict(cfg), train=dataclasses.asdict(train), step=step,
+                stage="teacher_forcing" if step < train.warmup_steps else "resampling_forcing",
+                vocab=shapes.VOCAB, param_groups=param_groups)
+    path = Path(out) / f"step_{step:07d}"
+    rf.save_checkpoint(path, groups, meta)
+    for old in checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old)
+    return path
+
+
+def check_writable(out):
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        sys.exit(f"error: cannot write to --out {out} ({e.strerror}): choose a writable folder")
+    if shutil.disk_usage(out).free < 200 * 2**20:
+        sys.exit(f"error: less than 200 MB free under {out}: free some space or choose another --out")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    train, overrides = parse_args(argv)
+    out = Path(train.out)
+    check_writable(out)
+    device = torch.device("cuda" if train.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if train.device == "auto" else train.device)
+
+    if train.resume:
+        if not checkpoints(out):
+            sys.exit(f"error: --resume but no checkpoint in {out}: drop --resume to start a new run")
+        meta, tensors = rf.load_checkpoint(checkpoints(out)[-1])
+        cfg = rf.config_from_dict(meta["config"])
+        clash = {k: v for k, v in overrides.items() if getattr(cfg, k) != (tuple(v) if isinstance(v, list) else v)}
+        if clash:
+            sys.exit(f"error: --resume uses the checkpoint's config; these options differ from it: {clash}")
+        steps = train.steps
+        train = Train(**{**meta["train"], "steps": steps, "resume": True})
+    else:
+        if checkpoints(out):
+            sys.exit(f"error: {out} already holds a run: pass --resume to continue it or --out to start a new one")
+        cfg = rf.preset(train.preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    print(f"device {device}; preset {train.preset}; overrides {overrides or 'none'}")
+
+    torch.manual_seed(train.seed)
+    dit = rf.DiT(cfg).to(device)
+    text_encoder = rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len).to(device)
+    models = {"dit": dit, "text_encoder": text_encoder}
+    emas = {name: rf.DiT(cfg) if name == "dit" else
+            rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len) for name in models}
+    params = [p for m in models.values() for p in m.parameters()]
+    print(f"DiT {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters, "
+          f"caption encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M")
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    gen = torch.Generator().manual_seed(train.seed)
+    start = 0
+    if train.resume:
+        for name, m in models.items():
+            rf.load_state_strict(m, tensors[name], f"checkpoint {name}")
+            rf.load_state_strict(emas[name], tensors[f"{name}_ema"], f"checkpoint {name}_ema")
+        state = tensors["train_state"]
+        gen.set_state(state.pop("rng"))
+        load_optimizer(opt, state, meta["param_groups"])
+        start = meta["step"]
+        print(f"resumed from {checkpoints(out)[-1]} at step {start} ({meta['stage']})")
+    else:
+        for name, m in models.items():
+            emas[name].load_state_dict(m.state_dict())
+    for m in emas.values():
+        m.to(device).requires_grad_(False).eval()
+
+    data = Clips(train.data, train.clip_frames, cfg.text_len, train.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    log = []                                                           # (step, stage, bucket losses)
+    sums = torch.zeros(len(T_BUCKETS) - 1)
+    counts = torch.zeros(len(T_BUCKETS) - 1)
+    bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="train", dynamic_ncols=True)
+    last_ckpt = checkpoints(out)[-1] if checkpoints(out) else None
+    t0 = time.time()
+    for step in bar:
+        # --- the method: pick the history, one loss -----------------------------------------------------------
+        mode = "none" if step < train.warmup_steps else cfg.degrade           # teacher-forcing warm-up first
+        clip, ids = data.batch(step, train.batch_size, gen, train.caption_dropout)
+        clip, ids = clip.to(device), ids.to(device)
+        with autocast:
+            context = text_encoder(ids)
+            loss, chunk_loss, chunk_t = rf.training_loss(dit, clip, context, mode=mode, generator=gen)
+        # ---------------------------------------------------------------------------------------------------------
+        if not torch.isfinite(loss):
+            sys.exit(f"error: non-finite loss {loss.item()} at step {step} ({mode}); per-chunk losses "
+                     f"{chunk_loss.mean(0).tolist()}; last good checkpoint: {last_ckpt or 'none'}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        if not torch.isfinite(grad_norm):
+            sys.exit(f"error: non-finite gradient at step {step} ({mode}), loss {loss.item():.4f}; "
+                     f"last good checkpoint: {last_ckpt or 'none'}")
+        opt.step()
+        with torch.no_grad():
+            decay = min(train.ema, (1 + step) / (10 + step))
+            for name, m in models.items():
+                for pe, p in zip(emas[name].parameters(), m.parameters()):
+                    pe.lerp_(p, 1 - decay)
+
+        bucket = torch.bucketize(chunk_t.flatten().cpu(), torch.tensor(T_BUCKETS[1:-1]))
+        sums.index_add_(0, bucket, chunk_loss.flatten().float().cpu())
+        counts.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float))
+        bar.set_postfix(loss=f"{loss.item():.4f}", stage="TF" if mode == "none" else "RF")
+        if (step + 1) % train.log_every == 0 or step + 1 == train.steps:
+            means = (sums / counts.clamp(min=1)).tolist()
+            log.append((step + 1, mode, means))
+            buckets = " ".join(f"t<{hi:.2f}:{m:.4f}" for hi, m in zip(T_BUCKETS[1:], means))
+            tqdm.write(f"step {step + 1:6d} | {'teacher forcing' if mode == 'none' else 'resampling ' + mode:<26} "
+                       f"| loss {sum(means) / len(means):.4f} | {buckets} | {(time.time() - t0):.0f}s")
+            sums.zero_()
+            counts.zero_()
+        if (step + 1) % train.ckpt_every == 0 or step + 1 == train.steps:
+            last_ckpt = save(out, step + 1, models, emas, opt, gen, cfg, train, train.keep_last)
+    bar.close()
+
+    if last_ckpt is None:
+        return
+    latest = out / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(last_ckpt.name)
+    with open(out / "log.jsonl", "a") as f:
+        for row in log:
+            f.write(json.dumps(dict(step=row[0], mode=row[1], bucket_loss=row[2])) + "\n")
+    plot_losses(out, train.warmup_steps)
+    print(f"checkpoint: {latest} -> {last_ckpt.name}")
+    if train.sample:
+        import sample
+        sample.main(["--ckpt", str(latest), "--out", str(out / "samples")])
+
+
+def plot_losses(out, warmup_steps):
+    """Loss per noise-level bucket against step, from the run's log.jsonl, to out/loss.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (lo, hi) in enumerate(zip(T_BUCKETS[:-1], T_BUCKETS[1:])):
+        ax.plot(steps, [r["bucket_loss"][i] for r in rows], marker=".", label=f"t in [{lo}, {hi})")
+    ax.axvline(warmup_steps, color="grey", ls="--", lw=1)
+    ax.text(warmup_steps, ax.get_ylim()[1], " Resampling Forcing →", va="top", color="grey")
+    ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="training loss per noise level")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(Path(out) / "loss.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
