@@ -567,12 +567,20 @@ def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_sca
     block-causal forward over [finished chunks at t = 0 ; current chunk] at every step. Both give the same frames.
     """
     cfg, fpc = model.cfg, model.cfg.frames_per_chunk
-    steps, shift = steps or cfg.sample_steps, shift or cfg.sample_shift
+    steps = cfg.sample_steps if steps is None else steps
+    shift = cfg.sample_shift if shift is None else shift
     cfg_scale = cfg.sample_cfg if cfg_scale is None else cfg_scale
     device = next(model.parameters()).device
     B = context.shape[0]
     P = 0 if prefix is None else prefix.shape[1]
     H, W = size or (prefix.shape[-2:] if prefix is not None else cfg.frame_size)
+    if H % cfg.patch_size[1] or W % cfg.patch_size[2]:
+        raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {cfg.patch_size[1:]}: "
+                         f"pass a size that is a multiple of it")
+    if prefix is not None and (prefix.ndim != 5 or prefix.shape[0] != B or prefix.shape[2] != cfg.in_dim
+                               or tuple(prefix.shape[-2:]) != (H, W)):
+        raise ValueError(f"prefix must be (B, P, C, H, W) = ({B}, P, {cfg.in_dim}, {H}, {W}), "
+                         f"got {tuple(prefix.shape)}")
     if num_frames % fpc or P % fpc:
         raise ValueError(f"num_frames={num_frames} and prefix frames={P} must be multiples of "
                          f"frames_per_chunk={fpc}")
