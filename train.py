@@ -286,8 +286,7 @@ def plot_losses(out, warmup_steps):
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (lo, hi) in enumerate(zip(T_BUCKETS[:-1], T_BUCKETS[1:])):
         ax.plot(steps, [r["bucket_loss"][i] for r in rows], marker=".", label=f"t in [{lo}, {hi})")
-    ax.axvline(warmup_steps, color="grey", ls="--", lw=1)
-    ax.text(warmup_steps, ax.get_ylim()[1], " Resampling Forcing →", va="top", color="grey")
+    ax.axvline(warmup_steps, color="grey", ls="--", lw=1, label="end of teacher-forcing warm-up")
     ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="training loss per noise level")
     ax.legend()
     fig.tight_layout()
