@@ -47,6 +47,7 @@ class Train:
     device: str = "auto"
     resume: bool = False
     sample: bool = True               # write sample GIFs with sample.py at the end
+    on_nan: str = "stop"              # non-finite loss or gradient: stop (keeping the last checkpoint) | skip
 
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat average hides progress
@@ -163,6 +164,8 @@ def check_writable(out):
 
 def main(argv=None):
     train, overrides = parse_args(argv)
+    if train.on_nan not in ("stop", "skip"):
+        sys.exit(f"error: --on_nan {train.on_nan!r}: choose stop or skip")
     out = Path(train.out)
     check_writable(out)
     device = torch.device("cuda" if train.device == "auto" and torch.cuda.is_available() else
@@ -183,6 +186,10 @@ def main(argv=None):
             sys.exit(f"error: {out} already holds a run: pass --resume to continue it or --out to start a new one")
         cfg = rf.preset(train.preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     print(f"device {device}; preset {train.preset}; overrides {overrides or 'none'}")
+    try:
+        data = Clips(train.data, train.clip_frames, cfg.text_len, train.seed)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
     torch.manual_seed(train.seed)
     dit = rf.DiT(cfg).to(device)
@@ -211,7 +218,6 @@ def main(argv=None):
     for m in emas.values():
         m.to(device).requires_grad_(False).eval()
 
-    data = Clips(train.data, train.clip_frames, cfg.text_len, train.seed)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     log = []                                                           # (step, stage, bucket losses)
     sums = torch.zeros(len(T_BUCKETS) - 1)
@@ -228,36 +234,47 @@ def main(argv=None):
             context = text_encoder(ids)
             loss, chunk_loss, chunk_t = rf.training_loss(dit, clip, context, mode=mode, generator=gen)
         # ---------------------------------------------------------------------------------------------------------
-        if not torch.isfinite(loss):
-            sys.exit(f"error: non-finite loss {loss.item()} at step {step} ({mode}); per-chunk losses "
-                     f"{chunk_loss.mean(0).tolist()}; last good checkpoint: {last_ckpt or 'none'}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-        if not torch.isfinite(grad_norm):
-            sys.exit(f"error: non-finite gradient at step {step} ({mode}), loss {loss.item():.4f}; "
-                     f"last good checkpoint: {last_ckpt or 'none'}")
-        opt.step()
-        with torch.no_grad():
-            decay = min(train.ema, (1 + step) / (10 + step))
-            for name, m in models.items():
-                for pe, p in zip(emas[name].parameters(), m.parameters()):
-                    pe.lerp_(p, 1 - decay)
-
-        bucket = torch.bucketize(chunk_t.flatten().cpu(), torch.tensor(T_BUCKETS[1:-1]))
-        sums.index_add_(0, bucket, chunk_loss.flatten().float().cpu())
-        counts.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float))
+        fault = None                          # a NaN or inf is caught at the step it happens, before opt.step
+        if not torch.isfinite(loss):
+            fault = f"non-finite loss {loss.item()}"
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+            if not torch.isfinite(grad_norm):
+                fault = f"non-finite gradient (loss {loss.item():.4f})"
+        if fault:
+            report = (f"{fault} at step {step + 1} ({mode}); per-chunk losses "
+                      f"{[round(x, 4) for x in chunk_loss.mean(0).tolist()]}; last good checkpoint: {last_ckpt or 'none'}")
+            if train.on_nan == "stop":
+                sys.exit(f"error: {report}. Resume from it with a lower --lr, or pass --on_nan skip")
+            tqdm.write(f"warning: skipped the update: {report}")
+        else:
+            opt.step()
+            with torch.no_grad():
+                decay = min(train.ema, (1 + step) / (10 + step))
+                for name, m in models.items():
+                    for pe, p in zip(emas[name].parameters(), m.parameters()):
+                        pe.lerp_(p, 1 - decay)
+            bucket = torch.bucketize(chunk_t.flatten().cpu(), torch.tensor(T_BUCKETS[1:-1]))
+            sums.index_add_(0, bucket, chunk_loss.flatten().float().cpu())
+            counts.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float))
         bar.set_postfix(loss=f"{loss.item():.4f}", stage="TF" if mode == "none" else "RF")
         if (step + 1) % train.log_every == 0 or step + 1 == train.steps:
-            means = (sums / counts.clamp(min=1)).tolist()
+            means = [s / c if c else None for s, c in zip(sums.tolist(), counts.tolist())]   # None: no chunk there
             log.append((step + 1, mode, means))
-            buckets = " ".join(f"t<{hi:.2f}:{m:.4f}" for hi, m in zip(T_BUCKETS[1:], means))
+            buckets = " ".join(f"t<{hi:.2f}:" + (f"{m:.4f}" if m is not None else "  -   ")
+                               for hi, m in zip(T_BUCKETS[1:], means))
             tqdm.write(f"step {step + 1:6d} | {'teacher forcing' if mode == 'none' else 'resampling ' + mode:<26} "
-                       f"| loss {sum(means) / len(means):.4f} | {buckets} | {(time.time() - t0):.0f}s")
+                       f"| loss {sums.sum() / counts.sum().clamp(min=1):.4f} | {buckets} | {time.time() - t0:.0f}s")
             sums.zero_()
             counts.zero_()
         if (step + 1) % train.ckpt_every == 0 or step + 1 == train.steps:
-            last_ckpt = save(out, step + 1, models, emas, opt, gen, cfg, train, train.keep_last)
+            try:
+                last_ckpt = save(out, step + 1, models, emas, opt, gen, cfg, train, train.keep_last)
+            except OSError as e:
+                sys.exit(f"error: could not write the step {step + 1} checkpoint in {out} ({e.strerror or e}); "
+                         f"the last complete one is {last_ckpt or 'none'}: free disk space and --resume")
     bar.close()
 
     if last_ckpt is None:
@@ -285,7 +302,7 @@ def plot_losses(out, warmup_steps):
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (lo, hi) in enumerate(zip(T_BUCKETS[:-1], T_BUCKETS[1:])):
-        ax.plot(steps, [r["bucket_loss"][i] for r in rows], marker=".", label=f"t in [{lo}, {hi})")
+        ax.plot(steps, [float("nan") if r["bucket_loss"][i] is None else r["bucket_loss"][i] for r in rows], marker=".", label=f"t in [{lo}, {hi})")
     ax.axvline(warmup_steps, color="grey", ls="--", lw=1, label="end of teacher-forcing warm-up")
     ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="training loss per noise level")
     ax.legend()

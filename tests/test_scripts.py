@@ -105,7 +105,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path, "--steps", "4", "--resume", "--no-sample")
     msg = exit_message(e)
-    assert "non-finite loss" in msg and "step 2" in msg and "step_0000002" in msg
+    assert "non-finite loss" in msg and "step 3" in msg and "step_0000002" in msg
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002"]
     after = load_file(str(tmp_path / "step_0000002" / "dit.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,99 @@
+"""Fault injection: a save killed mid-write, unwritable output, corrupt data, NaN with --on_nan skip."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rf
+import train
+from test_scripts import ROOT, TINY, exit_message, run_train
+
+
+def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
+    run_train(tmp_path, "--steps", "2", "--ckpt_every", "2", "--no-sample")
+    # a child resumes and hangs right after writing the first file of the next checkpoint; we SIGKILL it there
+    child = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import safetensors.torch as st
+        real = st.save_file
+        def save_then_hang(*args, **kwargs):
+            real(*args, **kwargs)
+            print("WROTE", flush=True)
+            time.sleep(600)
+        st.save_file = save_then_hang
+        import train
+        train.main({TINY!r} + ["--out", {str(tmp_path)!r}, "--steps", "4", "--ckpt_every", "2",
+                              "--resume", "--no-sample"])
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, cwd=ROOT)
+    try:
+        assert any(line.strip() == "WROTE" for line in proc.stdout), "the child never reached the save"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (tmp_path / "step_0000004.tmp").is_dir()                       # the half-written save
+    assert not (tmp_path / "step_0000004").exists()
+    assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000002"]
+    meta, tensors = rf.load_checkpoint(tmp_path / "step_0000002")            # intact and loadable
+    assert meta["step"] == 2 and "dit" in tensors
+    run_train(tmp_path, "--steps", "4", "--ckpt_every", "2", "--resume", "--no-sample")
+    assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]
+    assert not (tmp_path / "step_0000004.tmp").exists()
+
+
+def test_keep_last_n(tmp_path):
+    run_train(tmp_path, "--steps", "5", "--ckpt_every", "1", "--keep_last", "2", "--no-sample")
+    assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000004", "step_0000005"]
+
+
+def test_unwritable_output_fails_before_training(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as e:
+        run_train(blocker / "run", "--steps", "1")
+    msg = exit_message(e)
+    assert msg.startswith("error: cannot write to --out") and "\n" not in msg
+    if os.geteuid() != 0:                                  # root ignores permission bits
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        with pytest.raises(SystemExit) as e:
+            run_train(ro / "run", "--steps", "1")
+        assert "cannot write" in exit_message(e)
+
+
+def test_missing_and_corrupt_data_are_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "r", "--steps", "1", "--data", str(tmp_path / "nope.npz"))
+    assert "nope.npz" in exit_message(e) and "python -m tiny_data.shapes" in exit_message(e)
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes((ROOT / "tiny_data/train.npz").read_bytes()[:5000])    # truncated
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "r2", "--steps", "1", "--data", str(bad))
+    assert "bad.npz" in exit_message(e) and "\n" not in exit_message(e)
+
+
+def test_nan_skip_mode_skips_only_bad_steps(tmp_path, monkeypatch, capsys):
+    real = rf.training_loss
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        loss, chunk_loss, t = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 2 else loss), chunk_loss, t
+
+    monkeypatch.setattr(rf, "training_loss", nan_on_second_call)
+    run_train(tmp_path, "--steps", "3", "--on_nan", "skip", "--no-sample")
+    printed = capsys.readouterr()
+    assert "skipped the update: non-finite loss nan at step 2" in printed.out + printed.err
+    weights = load_file(str(tmp_path / "latest" / "dit.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
