@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -48,6 +49,7 @@ class Train:
     resume: bool = False
     sample: bool = True               # write sample GIFs with sample.py at the end
     on_nan: str = "stop"              # non-finite loss or gradient: stop (keeping the last checkpoint) | skip
+    on_bad_clip: str = "skip"         # a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop
 
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat average hides progress
@@ -78,31 +80,81 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# data: the whole toy set fits in memory as uint8
+# data: an .npz written by tiny_data/shapes.py, or a folder of clips; either way all in memory as uint8
 # ----------------------------------------------------------------------------------------------------------------
 
-class Clips:
-    """Clips (N, F, H, W, 3) uint8 + captions. Batches come in a stateless order (a permutation per epoch from
-    the seed), so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".avi", ".mov", ".mkv")
 
-    def __init__(self, path, clip_frames, text_len, seed):
-        data = shapes.load_dataset(path)
-        self.frames = torch.from_numpy(data["frames"])
-        self.ids = torch.stack([torch.from_numpy(shapes.tokenize(c, text_len)) for c in data["captions"]])
+
+def read_clip_folder(folder, clip_frames, frame_size, text_len, on_bad_clip):
+    """NAME.gif / NAME.mp4 / ... with its caption in NAME.txt -> (videos, captions).
+
+    Every clip is read and checked up front, so a bad one is reported by name before training starts, never in
+    the middle of an epoch. on_bad_clip: "skip" (warn and go on) or "stop"."""
+    import imageio.v2 as imageio
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not files:
+        raise ValueError(f"no video files ({' '.join(VIDEO_SUFFIXES)}) in {folder}: put clips there, each with "
+                         f"a NAME.txt caption")
+    videos, captions, bad = [], [], []
+    for f in files:
+        try:
+            frames = np.stack([np.asarray(im)[..., :3] for im in imageio.mimread(f, memtest=False)])
+        except Exception as e:                                  # corrupt or truncated: whatever the decoder says
+            bad.append(f"{f.name}: unreadable ({type(e).__name__})")
+            continue
+        caption_file = f.with_suffix(".txt")
+        problem = (f"{frames.shape[2]}x{frames.shape[1]} frames, expected {frame_size[1]}x{frame_size[0]}"
+                   if frames.shape[1:3] != tuple(frame_size) else
+                   f"{len(frames)} frames, fewer than --clip_frames {clip_frames}" if len(frames) < clip_frames else
+                   f"no caption file {caption_file.name}" if not caption_file.is_file() else None)
+        if problem is None:
+            try:
+                shapes.tokenize(caption_file.read_text().strip(), text_len)
+            except ValueError as e:
+                problem = str(e)
+        if problem:
+            bad.append(f"{f.name}: {problem}")
+            continue
+        videos.append(frames)
+        captions.append(caption_file.read_text().strip())
+    for b in bad:
+        if on_bad_clip == "stop":
+            raise ValueError(f"bad clip {b} (pass --on_bad_clip skip to leave such clips out)")
+        print(f"warning: skipping bad clip {b}")
+    if not videos:
+        raise ValueError(f"no usable clip in {folder} ({len(bad)} bad)")
+    return videos, captions
+
+
+class Clips:
+    """Videos (each (F, H, W, 3) uint8) + captions. Batches come in a stateless order (a permutation per epoch
+    from the seed), so a resumed run draws exactly the batches the uninterrupted run would have drawn."""
+
+    def __init__(self, path, clip_frames, frame_size, text_len, seed, on_bad_clip="skip"):
+        if Path(path).is_dir():
+            self.videos, captions = read_clip_folder(path, clip_frames, frame_size, text_len, on_bad_clip)
+        else:
+            data = shapes.load_dataset(path)
+            if data["frames"].shape[1] < clip_frames:
+                raise ValueError(f"{path} has clips of {data['frames'].shape[1]} frames, fewer than --clip_frames "
+                                 f"{clip_frames}")
+            self.videos, captions = list(data["frames"]), data["captions"]
+        self.ids = torch.stack([torch.from_numpy(shapes.tokenize(c, text_len)) for c in captions])
         self.empty = torch.from_numpy(shapes.tokenize("", text_len))
         self.clip_frames, self.seed = clip_frames, seed
-        if self.frames.shape[1] < clip_frames:
-            raise ValueError(f"{path} has clips of {self.frames.shape[1]} frames, fewer than --clip_frames "
-                             f"{clip_frames}")
 
     def batch(self, step, batch_size, generator, caption_dropout):
         """-> clip (B, F, 3, H, W) in [-1, 1], caption ids (B, Lt)."""
-        n, k = len(self.frames), step * batch_size              # k: position in the endless stream of clips
+        n, k = len(self.videos), step * batch_size              # k: position in the endless stream of clips
         orders = [torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
                   for epoch in range(k // n, (k + batch_size - 1) // n + 1)]
-        idx = torch.cat(orders)[k % n:k % n + batch_size]
-        start = torch.randint(0, self.frames.shape[1] - self.clip_frames + 1, (1,), generator=generator).item()
-        clip = self.frames[idx, start:start + self.clip_frames].permute(0, 1, 4, 2, 3).float() / 127.5 - 1
+        idx = torch.cat(orders)[k % n:k % n + batch_size].tolist()
+        crops = []
+        for i in idx:                                           # a random window of clip_frames from each video
+            start = torch.randint(0, len(self.videos[i]) - self.clip_frames + 1, (1,), generator=generator).item()
+            crops.append(torch.from_numpy(self.videos[i][start:start + self.clip_frames]))
+        clip = torch.stack(crops).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
         ids = self.ids[idx].clone()
         ids[torch.rand(batch_size, generator=generator) < caption_dropout] = self.empty
         return clip, ids
@@ -164,8 +216,9 @@ def check_writable(out):
 
 def main(argv=None):
     train, overrides = parse_args(argv)
-    if train.on_nan not in ("stop", "skip"):
-        sys.exit(f"error: --on_nan {train.on_nan!r}: choose stop or skip")
+    for flag in ("on_nan", "on_bad_clip"):
+        if getattr(train, flag) not in ("stop", "skip"):
+            sys.exit(f"error: --{flag} {getattr(train, flag)!r}: choose stop or skip")
     out = Path(train.out)
     check_writable(out)
     device = torch.device("cuda" if train.device == "auto" and torch.cuda.is_available() else
@@ -187,7 +240,7 @@ def main(argv=None):
         cfg = rf.preset(train.preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
     print(f"device {device}; preset {train.preset}; overrides {overrides or 'none'}")
     try:
-        data = Clips(train.data, train.clip_frames, cfg.text_len, train.seed)
+        data = Clips(train.data, train.clip_frames, cfg.frame_size, cfg.text_len, train.seed, train.on_bad_clip)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -97,3 +97,43 @@ def test_nan_skip_mode_skips_only_bad_steps(tmp_path, monkeypatch, capsys):
     assert "skipped the update: non-finite loss nan at step 2" in printed.out + printed.err
     weights = load_file(str(tmp_path / "latest" / "dit.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_clip_folder_reports_and_skips_bad_clips(tmp_path, capsys):
+    import imageio.v2 as imageio
+    from tiny_data import shapes
+    clips = shapes.load_dataset(ROOT / "tiny_data/test.npz")
+    folder = tmp_path / "clips"
+    folder.mkdir()
+
+    def write(name, frames, caption="red circle"):
+        imageio.mimsave(folder / name, list(frames), duration=0.1)
+        if caption is not None:
+            (folder / name).with_suffix(".txt").write_text(caption)
+
+    write("good1.gif", clips["frames"][0, :8], clips["captions"][0])
+    write("good2.gif", clips["frames"][1, :8], clips["captions"][1])
+    write("short.gif", clips["frames"][2, :2])
+    write("big.gif", clips["frames"][3, :8].repeat(2, 1).repeat(2, 2))
+    write("nocap.gif", clips["frames"][4, :8], caption=None)
+    write("badword.gif", clips["frames"][5, :8], "purple circle")
+    (folder / "corrupt.gif").write_bytes(b"GIF89a" + bytes(range(200)))
+    (folder / "corrupt.txt").write_text("red circle")
+
+    run_train(tmp_path / "run", "--steps", "2", "--data", str(folder), "--no-sample")
+    out = capsys.readouterr().out
+    for name, reason in [("short.gif", "2 frames, fewer than --clip_frames 4"), ("big.gif", "64x64 frames"),
+                         ("nocap.gif", "no caption file nocap.txt"), ("badword.gif", "purple"),
+                         ("corrupt.gif", "unreadable")]:
+        assert f"warning: skipping bad clip {name}: " in out and reason in out, (name, out)
+    assert "good1.gif" not in out and (tmp_path / "run" / "latest").exists()
+
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "run2", "--steps", "1", "--data", str(folder), "--on_bad_clip", "stop")
+    assert exit_message(e).startswith("error: bad clip badword.gif")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "run3", "--steps", "1", "--data", str(empty))
+    assert "no video files" in exit_message(e)
