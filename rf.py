@@ -15,7 +15,7 @@ no distillation, no new parameters.
 Reading order
     1. Config and presets
     2. Flow matching: noise, shift, timesteps (Eqs. 3, 4, 7)
-    3. Who sees whom: the one mask rule, its ASCII picture, its attention backends
+    3. Who sees whom: the one mask rule, its ASCII picture, its attention backends, history routing
     4. The Wan2.1 DiT with per-frame noise conditioning, two forwards and a cached chunk forward
     5. Sampling: generate (chunk by chunk, Euler, CFG, KV cache)
     6. Training: self-resampling and the loss (Algorithm 1)
@@ -80,6 +80,10 @@ class Config:
     sample_steps: int = 32
     sample_shift: float = 5.0
     sample_cfg: float = 5.0
+    # history routing (section 3; the paper turns it on for its last fine-tuning stage with top_k=5)
+    top_k: int | None = None           # [RF] each query reads its own chunk + the k best history chunks; None = dense
+    window: int | None = None          # ablation: the last `window` history chunks instead of the top k
+    sink: bool = False                 # ablation: always read history chunk 0 too (the "attention sink")
 
     def __post_init__(self):
         self.patch_size, self.frame_size = tuple(self.patch_size), tuple(self.frame_size)  # JSON gives lists
@@ -91,6 +95,18 @@ class Config:
             raise ValueError(f"degrade={self.degrade!r}: choose one of {DEGRADE_MODES}")
         if self.train_t not in ("logit_normal", "uniform"):
             raise ValueError(f"train_t={self.train_t!r}: choose logit_normal or uniform")
+        for name in ("top_k", "window"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (None = dense attention)")
+        if self.top_k is not None and self.window is not None:
+            raise ValueError(f"top_k={self.top_k} and window={self.window} are two routing rules: set only one")
+        if self.sink and not self.routed:
+            raise ValueError("sink=True adds chunk 0 to a routing rule: set top_k or window as well")
+
+    @property
+    def routed(self) -> bool:
+        """History routing is on: a query reads its own chunk and a chosen few history chunks, not all of them."""
+        return self.top_k is not None or self.window is not None
 
 
 DEGRADE_MODES = ("none", "noise", "parallel", "autoregressive")
@@ -178,8 +194,13 @@ def may_attend(q_chunk, q_stream, k_chunk, k_stream):
     Works elementwise on tensors of ids, so the same function builds a dense mask and a flex_attention mask_mod.
     """
     own_chunk = (q_chunk == k_chunk) & (q_stream == k_stream)
-    clean_past = (k_stream == HISTORY) & (k_chunk < q_chunk)
-    return own_chunk | clean_past
+    return own_chunk | clean_past(q_chunk, k_chunk, k_stream)
+
+
+def clean_past(q_chunk, k_chunk, k_stream):
+    """The second half of the rule: earlier chunks of the history stream. History routing [RF] narrows only this
+    term (a query reads a chosen few of these chunks); its own chunk it always reads."""
+    return (k_stream == HISTORY) & (k_chunk < q_chunk)
 
 
 def dense_mask(chunk, stream):
@@ -218,12 +239,15 @@ def flex_block_mask(chunk: tuple, stream: tuple, device: str) -> BlockMask:
 _compiled_flex = None
 
 
-def attention(q, k, v, mask=None):
+def attention(q, k, v, mask=None, phi=None):
     """Softmax attention with scale 1/sqrt(hd). q: (B, Lq, nh, hd), k, v: (B, Lk, nh, hd) -> (B, Lq, nh, hd).
 
-    mask: None (all keys), a boolean (Lq, Lk) tensor (SDPA, any device; the CPU training path), or a
-    flex_attention BlockMask (CUDA; built from the same rule)."""
+    mask: None (all keys), a boolean (Lq, Lk) tensor (SDPA, any device; the CPU training path), a
+    flex_attention BlockMask (CUDA; built from the same rule), or a Routing (history routing, below; phi holds the
+    history chunks' mean keys)."""
     global _compiled_flex
+    if isinstance(mask, Routing):                                                     # [RF]
+        return routed_attention(q, k, v, phi, mask)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))                                 # (B, nh, L, hd)
     if isinstance(mask, BlockMask):
         if q.is_cuda and _compiled_flex is None:
@@ -232,6 +256,249 @@ def attention(q, k, v, mask=None):
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)
+
+
+# --- History routing [RF] (paper Sec. 3.4, Eqs. 8-9) ------------------------------------------------------------
+# A long video has many history chunks, and most of them matter little to a given query. With routing on, every
+# query token, in every layer and head, scores each earlier history chunk j by q . phi_j (phi_j = mean of chunk j's
+# keys) and reads its own chunk plus only the k best-scoring chunks. No parameters; no gradient through the choice.
+# The sliding window and the attention sink are other answers to the same question ("which history chunks?"), so
+# they share the path. Routing only narrows the rule's clean_past term; the own chunk is always read.
+# Letters: Nh history chunks of T tokens each; P selected (query, chunk) pairs.
+
+MAX_TILE = 256      # most queries per tile in the two-branch history matmul (see history_branch)
+
+
+def chunk_means(k, chunk_tokens):
+    """phi of Eq. 8, the mean key of each chunk. k: (B, Nh * T, nh, hd) -> (B, Nh, nh, hd) in fp32."""
+    # NOTE(choice): the paper does not say whether phi pools the keys before or after q/k-RMSNorm and RoPE. We pool
+    # them as they enter attention (after both, as MoBA does): then q . phi_j is exactly the mean attention logit of
+    # q over chunk j's keys, so the router ranks chunks by the very scores attention would give them.
+    return k.unflatten(1, (-1, chunk_tokens)).float().mean(2)
+
+
+@torch.no_grad()                      # hard top-k has no gradient: only the attention over the chosen keys learns
+def top_k_chunks(q, phi, eligible, k):
+    """Eq. 9: per query token and head, the k eligible chunks with the highest q . phi_j (all of them if fewer).
+
+    q: (B, Lq, nh, hd); phi: (B, Nh, nh, hd); eligible: (Lq, Nh) bool -> selected: (B, nh, Lq, Nh) bool."""
+    # scores in fp32 (under bf16, near-equal chunks would be ranked by rounding); no 1/sqrt(hd): it changes no rank
+    score = torch.einsum("bqhd,bjhd->bhqj", q.float(), phi.float())                   # (B, nh, Lq, Nh)
+    score = score.masked_fill(~eligible, -torch.inf)
+    best = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]          # stable: ties -> earlier chunk
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, best, True) & eligible
+
+
+def window_chunks(eligible, w):
+    """Sliding window: the last w eligible chunks of each query. (Lq, Nh) bool -> (Lq, Nh) bool."""
+    later = eligible.flip(-1).cumsum(-1).flip(-1)                # (Lq, Nh) eligible chunks at index >= j
+    return eligible & (later <= w)
+
+
+def eligible_chunks(q_chunk, num_history):
+    """(Lq, Nh) bool: the history chunks the rule's clean_past term lets each query read, those strictly before its
+    chunk. Never a future chunk; never H_i for Z_i (its answer) -- the only chunks routing may choose from."""
+    return clean_past(q_chunk[:, None], torch.arange(num_history, device=q_chunk.device)[None], HISTORY)
+
+
+def route(q, phi, eligible, top_k=None, window=None, sink=False):
+    """The history chunks each query token reads besides its own: (B, nh, Lq, Nh) bool. A pure function.
+
+    eligible (Lq, Nh): the rule's clean_past term per query and history chunk (chunks strictly before the query's
+    chunk). top_k: the paper's router; window: the last w chunks; sink: chunk 0 as well (never counted in k or w);
+    none of them: every eligible chunk (dense)."""
+    B, Nh, nh, _ = phi.shape
+    if top_k is not None:
+        selected = top_k_chunks(q, phi, eligible, top_k)
+    else:
+        selected = (window_chunks(eligible, window) if window is not None else eligible).expand(B, nh, -1, -1)
+    if sink:
+        selected = selected | (eligible & (torch.arange(Nh, device=eligible.device) == 0))
+    return selected
+
+
+@dataclass(eq=False)
+class Routing:
+    """The mask argument of a routed attention call: the layout the rule needs and the routing rule to apply.
+
+    chunk, stream: (Lk,) ids of every key token, as for dense_mask; the queries are the last Lq of them (all of them
+    in the two forwards, the current chunk against the KV cache). The keys open with num_history history chunks of
+    chunk_tokens tokens each, in order (true of both forwards and of the cache), so chunk j's keys are one slice."""
+    chunk: torch.Tensor
+    stream: torch.Tensor
+    chunk_tokens: int
+    num_history: int
+    top_k: int | None = None
+    window: int | None = None
+    sink: bool = False
+    backend: str = "two_branch"        # sdpa (the reference: a dense mask) | two_branch | flex
+    log: "RoutingLog | None" = None
+
+
+def routed_attention(q, k, v, phi, routing: Routing):
+    """Attention over each query's own chunk plus the history chunks routed to it. q: (B, Lq, nh, hd); k, v:
+    (B, Lk, nh, hd); phi: (B, Nh, nh, hd) the mean keys of the first Nh history chunks -> (B, Lq, nh, hd).
+
+    Every backend computes the same thing, one softmax over the union of the keys the rule and the router allow."""
+    # NOTE(choice): the paper does not say which layers route, nor whether the history-stream (H) queries of the
+    # two-stream training forward route. Every layer and head routes, each on its own keys. H queries route too:
+    # at sampling a finished chunk is re-encoded at t = 0 with its queries routed over its own history, and only
+    # then are the H features in training the K/V the cache will hold (as in the dense model).
+    Lq, Nh = q.shape[1], phi.shape[1]
+    eligible = eligible_chunks(routing.chunk[-Lq:], Nh)                                          # (Lq, Nh)
+    selected = route(q, phi, eligible, routing.top_k, routing.window, routing.sink)              # (B, nh, Lq, Nh)
+    if routing.log is not None:
+        routing.log.add(selected, eligible)
+    if routing.backend == "two_branch":
+        return two_branch_attention(q, k, v, selected, routing.chunk_tokens)
+    if routing.backend == "flex":
+        return attention(q, k, v, flex_routed_mask(selected, routing.chunk, routing.stream))
+    return attention(q, k, v, routed_mask(selected, routing.chunk, routing.stream))
+
+
+def may_attend_routed(q_chunk, q_stream, k_chunk, k_stream, chosen):
+    """The rule with routing: what may_attend allows, except that a clean_past key needs its chunk to be chosen."""
+    return may_attend(q_chunk, q_stream, k_chunk, k_stream) & (chosen | ~clean_past(q_chunk, k_chunk, k_stream))
+
+
+def _chosen_per_key(selected, chunk):
+    """selected (B, nh, Lq, Nh) indexed per key token: (padded table (B, nh, Lq, Nh + 1), column of each key (Lk,)).
+    Keys of chunks >= Nh (never anyone's routed past) read the padding column, False."""
+    return F.pad(selected, (0, 1)), chunk.clamp(max=selected.shape[-1])
+
+
+def routed_mask(selected, chunk, stream):
+    """The reference: routing as a dense boolean mask (B, nh, Lq, Lk) for SDPA. Small, obvious, O(Lq Lk) memory."""
+    table, col = _chosen_per_key(selected, chunk)
+    Lq = selected.shape[2]
+    return may_attend_routed(chunk[-Lq:, None], stream[-Lq:, None], chunk[None], stream[None], table[..., col])
+
+
+def flex_routed_mask(selected, chunk, stream) -> BlockMask:
+    """The same mask as a flex_attention BlockMask (per batch and head). Key blocks no query of a query block chose
+    are skipped; with per-token routing most blocks have some taker, so the saving is coarser than two_branch's."""
+    table, col = _chosen_per_key(selected, chunk)
+    B, nh, Lq, _ = selected.shape
+    q_chunk, q_stream = chunk[-Lq:], stream[-Lq:]
+
+    def mask_mod(b, h, q, k):
+        return may_attend_routed(q_chunk[q], q_stream[q], chunk[k], stream[k], table[b, h, q, col[k]])
+
+    return create_block_mask(mask_mod, B, nh, Lq, len(chunk), device=str(chunk.device), _compile=chunk.is_cuda)
+
+
+def attention_lse(q, k, v):
+    """Plain softmax attention that also returns the log-sum-exp of its scaled scores (what a merge needs; SDPA does
+    not return it). q: (..., Lq, hd); k, v: (..., Lk, hd) -> o (..., Lq, hd), lse (..., Lq) in fp32."""
+    s = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()                     # (..., Lq, Lk)
+    top = s.amax(-1, keepdim=True).detach()                    # for stability only: the result does not depend on it
+    p = s.sub_(top).exp_()                                     # in place: the score matrix is the big tensor here
+    total = p.sum(-1, keepdim=True)                                                   # (..., Lq, 1)
+    return (p.to(v.dtype) @ v) / total, (top + total.log()).squeeze(-1)
+
+
+def merge_lse(o_a, l_a, o_b, l_b):
+    """Attentions over two disjoint key sets -> the attention over their union (the paper's two-branch merge).
+
+    o: (..., hd), l: (...) log-sum-exp. One softmax over the union weighs branch a by e^l_a / (e^l_a + e^l_b).
+    Subtracting the larger l first keeps every exponential <= 1. A branch with no keys (l = -inf) weighs 0."""
+    top = torch.maximum(l_a, l_b).detach()                     # for stability only: the result does not depend on it
+    w_a, w_b = torch.exp(l_a - top), torch.exp(l_b - top)                             # (...) one of them is 1
+    total = w_a + w_b
+    return (w_a[..., None] * o_a.float() + w_b[..., None] * o_b.float()) / total[..., None], top + total.log()
+
+
+def merge_lse_many(o, lse, index, n):
+    """merge_lse over many branches at once: row p of o (P, hd), lse (P,) is one branch of output index[p].
+    -> o (n, hd), lse (n,); an output with no branch gets o = 0, lse = -inf (so it weighs 0 in merge_lse)."""
+    top = lse.new_full((n,), -torch.inf).scatter_reduce(0, index, lse.detach(), "amax")  # (n,) max per output
+    w = torch.exp(lse - top[index])                                                   # (P,) in (0, 1]
+    total = w.new_zeros(n).index_add(0, index, w).clamp(min=1e-30)                    # (n,) clamp: no 0/0
+    out = o.new_zeros(n, o.shape[-1], dtype=w.dtype).index_add(0, index, w[:, None] * o.float())
+    return out / total[:, None], top + total.log()
+
+
+def tile_pairs(group, num_groups, tile):
+    """Cut pairs sorted by group (P,) into tiles of at most `tile` pairs, never mixing groups.
+    -> tile of each pair (P,), its slot in the tile (P,), group of each tile (n_tiles,)."""
+    count = torch.bincount(group, minlength=num_groups)                              # (G,) pairs per group
+    rank = torch.arange(len(group), device=group.device) - (count.cumsum(0) - count)[group]  # (P,) place in group
+    tiles = (count + tile - 1) // tile                                                # (G,) tiles per group
+    pair_tile = (tiles.cumsum(0) - tiles)[group] + rank // tile
+    return pair_tile, rank % tile, torch.repeat_interleave(torch.arange(num_groups, device=group.device), tiles)
+
+
+def history_branch(q, k, v, selected):
+    """Each query against the history chunks it selected and nothing else. q: (B, nh, Lq, hd); k, v: (B, nh, Nh T,
+    hd); selected: (B, nh, Lq, Nh) -> o (B, nh, Lq, hd), lse (B, nh, Lq); lse = -inf where nothing was selected.
+
+    The P selected (query, chunk) pairs are grouped by the key block they read, (b, h, j), and cut into tiles of
+    `tile` queries: each tile is one small dense attention (tile queries x T keys), all tiles in one batched
+    matmul. The tile is about the mean group size, so padding stays below ~2x and scores and compute scale with
+    P, not with Nh. The one O(Nh) step is a head-major copy of the history K/V: a memcpy, no attention."""
+    B, nh, Lq, hd = q.shape
+    Nh = selected.shape[-1]
+    b, h, j, i = selected.transpose(2, 3).nonzero(as_tuple=True)                      # (P,) each, sorted by (b, h, j)
+    if len(i) == 0:
+        return q.new_zeros(B, nh, Lq, v.shape[-1], dtype=torch.float), q.new_full((B, nh, Lq), -torch.inf,
+                                                                                  dtype=torch.float)
+    group = (b * nh + h) * Nh + j                                                     # (P,) the key block it reads
+    groups = torch.unique_consecutive(group).numel()
+    tile = min(MAX_TILE, 8 * math.ceil(len(i) / groups / 8))     # ~ mean queries per group, a multiple of 8
+    pair_tile, slot, tile_group = tile_pairs(group, B * nh * Nh, tile)
+    row, q_row = pair_tile * tile + slot, (b * nh + h) * Lq + i                       # (P,) flat row indices
+    # gathers as index_select on flat rows: several times faster on CPU than advanced indexing of a strided view.
+    # Key blocks are copied as (hd, T), so q @ k^T below is a plain matmul (a transposed operand is ~3x slower).
+    n, T = len(tile_group), k.shape[2] // Nh
+    qt = q.new_zeros(n * tile, hd).index_copy_(0, row, q.reshape(-1, hd).index_select(0, q_row))
+    kt = k.unflatten(2, (Nh, T)).transpose(-1, -2).reshape(B * nh * Nh, -1).index_select(0, tile_group)
+    vt = v.reshape(B * nh * Nh, -1).index_select(0, tile_group)
+    o_t, l_t = attention_lse(qt.view(n, tile, hd), kt.view(n, hd, T).transpose(-1, -2), vt.view(n, T, -1))
+    o, lse = merge_lse_many(o_t.flatten(0, 1).index_select(0, row), l_t.flatten().index_select(0, row), q_row,
+                            B * nh * Lq)
+    return o.view(B, nh, Lq, -1), lse.view(B, nh, Lq)
+
+
+def two_branch_attention(q, k, v, selected, chunk_tokens):
+    """The paper's fast path: an intra-chunk branch (each query against its own chunk) and a history branch (each
+    query against its selected chunks only), merged through their log-sum-exp. Pure PyTorch, any device.
+
+    q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
+    T, Lq, Nh = chunk_tokens, q.shape[1], selected.shape[-1]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                                  # (B, nh, L, hd)
+
+    def own_chunks(x):      # the queries are whole chunks at the end of the keys, their own keys at the same places
+        return x[:, :, x.shape[2] - Lq:].unflatten(2, (-1, T))                        # (B, nh, Lq / T, T, hd)
+
+    o_own, l_own = attention_lse(own_chunks(q), own_chunks(k), own_chunks(v))
+    o_hist, l_hist = history_branch(q, k[:, :, :Nh * T], v[:, :, :Nh * T], selected)  # (B, nh, Lq, hd / -)
+    o, _ = merge_lse(o_own.flatten(2, 3), l_own.flatten(2, 3), o_hist, l_hist)        # (B, nh, Lq, hd)
+    return o.to(v.dtype).transpose(1, 2)                                              # (B, Lq, nh, hd)
+
+
+class RoutingLog:
+    """Counts routing decisions while attached to a model (model.routing_log = RoutingLog()): per history chunk,
+    how often it was eligible and how often selected, summed over every routed call, layer, head and query token."""
+
+    def __init__(self):
+        self.eligible = torch.zeros(0, dtype=torch.long)
+        self.selected = torch.zeros(0, dtype=torch.long)
+
+    def add(self, selected, eligible):
+        B, nh = selected.shape[:2]
+        new = selected.sum((0, 1, 2)).cpu(), eligible.sum(0).cpu() * B * nh          # (Nh,) each
+        n = max(len(self.selected), len(new[0]))
+        self.selected, self.eligible = (F.pad(old, (0, n - len(old))) + F.pad(x, (0, n - len(x)))
+                                        for old, x in zip((self.selected, self.eligible), new))
+
+    def frequency(self):
+        """(Nh,) how often each history chunk was selected when it could have been (the paper's Fig. 8)."""
+        return self.selected / self.eligible.clamp(min=1)
+
+    def sparsity(self) -> float:
+        """The fraction of eligible (query, history chunk) pairs not attended: 1 - k / Nh for top-k over Nh."""
+        eligible = self.eligible.sum().item()
+        return 1.0 - self.selected.sum().item() / eligible if eligible else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -321,9 +588,13 @@ class SelfAttention(nn.Module):
         k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        phi = None
+        if isinstance(mask, Routing):                # [RF] history routing scores chunks by their mean keys
+            phi = cache.mean_keys(k) if cache is not None else chunk_means(
+                k[:, :mask.num_history * mask.chunk_tokens], mask.chunk_tokens)       # (B, Nh, nh, hd)
         if cache is not None:                        # [RF] prepend the finished chunks' keys (cached after RoPE)
             k, v = cache.extend(k, v)                                                  # (B, Lc + L, nh, hd)
-        return self.o(attention(q, k, v, mask).flatten(2))                            # (B, L, D)
+        return self.o(attention(q, k, v, mask, phi).flatten(2))                       # (B, L, D)
 
 
 class CrossAttention(nn.Module):
@@ -400,7 +671,9 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.grad_checkpointing = False      # recompute each block in backward: far less activation memory
-        self.attn_backend = "auto"           # auto (flex on CUDA, SDPA elsewhere) | sdpa | flex
+        self.attn_backend = "auto"           # auto (flex on CUDA, SDPA elsewhere) | sdpa | flex, and for routed
+                                             # models two_branch, which auto picks for them on every device
+        self.routing_log = None              # a RoutingLog here counts every routing decision (sparsity, Fig. 8)
         self.init_weights()
 
     def init_weights(self):
@@ -452,6 +725,13 @@ class DiT(nn.Module):
         """The rule of section 3 for a layout given per frame, as the chosen backend's mask."""
         chunk, stream = chunk.repeat_interleave(tokens_per_frame), stream.repeat_interleave(tokens_per_frame)
         backend = self.attn_backend
+        if self.cfg.routed:                                                           # [RF] history routing
+            # NOTE(choice): auto means two_branch on every device: flex works at the granularity of 128x128 blocks,
+            # and per-token routing leaves few blocks that no query chose (see flex_routed_mask).
+            T = self.cfg.frames_per_chunk * tokens_per_frame
+            return Routing(chunk, stream, chunk_tokens=T, num_history=int((stream == HISTORY).sum()) // T,
+                           top_k=self.cfg.top_k, window=self.cfg.window, sink=self.cfg.sink,
+                           backend="two_branch" if backend == "auto" else backend, log=self.routing_log)
         if backend == "flex" or (backend == "auto" and chunk.is_cuda):
             return flex_block_mask(tuple(chunk.tolist()), tuple(stream.tolist()), str(chunk.device))
         return dense_mask(chunk, stream)
@@ -508,18 +788,25 @@ class DiT(nn.Module):
             raise ValueError(f"frame {cache.frames + fpc} is past the RoPE table ({ROPE_LEN} positions): "
                              f"generate at most {ROPE_LEN} frames")
         pos = torch.arange(cache.frames, cache.frames + fpc, device=x.device)
-        # every cached key is an earlier chunk of the history stream, so the rule allows all keys: no mask
-        v = self._forward(x, t, pos, text_kv, mask=None, n_out=fpc, cache=cache)
+        # every cached key is an earlier chunk of the history stream, so the rule allows all keys: no mask,
+        # unless routing [RF] narrows them (the layout is then the block-causal one of [cache ; this chunk])
+        mask = None
+        if self.cfg.routed:
+            mask = self._mask(*_block_causal_layout(cache.frames + fpc, fpc, x.device), _tokens(self, *x.shape[-2:]))
+        v = self._forward(x, t, pos, text_kv, mask=mask, n_out=fpc, cache=cache)
         if commit:
             cache.commit(fpc, tokens=fpc * _tokens(self, *x.shape[-2:]))
         return v
 
 
 class LayerKV:
-    """One layer's keys and values of finished chunks, in a buffer allocated once for the whole video."""
+    """One layer's keys and values of finished chunks, in a buffer allocated once for the whole video, and [RF] the
+    mean key of each finished chunk (phi of Eq. 8): computed once at commit, so routing a query costs Nh dot
+    products per head instead of a pass over the whole history."""
 
     def __init__(self, max_tokens):
         self.max_tokens, self.length, self.k, self.v = max_tokens, 0, None, None
+        self.chunks, self.phi = 0, None
 
     def extend(self, k, v):
         """Write this chunk's (B, L, nh, hd) K/V after the committed ones; return committed + this chunk."""
@@ -529,6 +816,21 @@ class LayerKV:
         end = self.length + k.shape[1]
         self.k[:, self.length:end], self.v[:, self.length:end] = k, v
         return self.k[:, :end], self.v[:, :end]
+
+    def commit(self, tokens):
+        """Keep the chunk written last (its `tokens` K/V) and store its mean key."""
+        if self.phi is None:
+            B, _, nh, hd = self.k.shape
+            self.phi = self.k.new_zeros(B, self.max_tokens // tokens, nh, hd, dtype=torch.float)
+        self.phi[:, self.chunks] = chunk_means(self.k[:, self.length:self.length + tokens], tokens)[:, 0]
+        self.length += tokens
+        self.chunks += 1
+
+    def mean_keys(self, k):
+        """(B, chunks, nh, hd) mean keys of the committed chunks; k: this chunk's keys, for the empty-cache shape."""
+        if self.phi is None:
+            return k.new_zeros(k.shape[0], 0, *k.shape[2:], dtype=torch.float)
+        return self.phi[:, :self.chunks]
 
 
 class KVCache:
@@ -542,7 +844,7 @@ class KVCache:
 
     def commit(self, frames, tokens):
         for layer in self.layers:
-            layer.length += tokens
+            layer.commit(tokens)
         self.frames += frames
 
 

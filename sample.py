@@ -39,6 +39,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--no_cache", action="store_true", help="recompute the history at every step (reference path)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--routing_plot", default=None, metavar="PATH",
+                   help="save a bar chart (PNG) of how often each history chunk was selected while generating the "
+                        "last chunk, like the paper's Fig. 8 (needs a checkpoint with top_k or window routing)")
     return p.parse_args(argv)
 
 
@@ -119,6 +122,24 @@ def save_contact_sheet(rows, labels, path, every=2, scale=3):
     sheet.save(path)
 
 
+def save_routing_plot(log, path, cfg):
+    """Bar chart of log.frequency(): per history chunk (1-based, as in the paper), the fraction of routing decisions
+    (layers x heads x query tokens x videos x CFG branches) that selected it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    freq = log.frequency().numpy()
+    rule = f"top-{cfg.top_k}" if cfg.top_k else f"window {cfg.window}"
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(freq) + 2), 3.5))
+    ax.bar(range(1, len(freq) + 1), freq, color="tab:blue")
+    ax.set(xlabel="history chunk", ylabel="selection frequency", ylim=(0, 1), xticks=range(1, len(freq) + 1),
+           title=f"{rule}{' + sink' if cfg.sink else ''} routing while generating chunk {len(freq) + 1} "
+                 f"(sparsity {log.sparsity():.0%})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -150,19 +171,35 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     prefix = truth[:, :prefix_frames].to(device) if prefix_frames else None
+    if args.routing_plot and not cfg.routed:
+        sys.exit("error: --routing_plot needs a checkpoint with history routing (config top_k or window); "
+                 "this one is dense")
+    if args.routing_plot and args.no_cache:   # recomputing the whole sequence would count every chunk's queries
+        sys.exit("error: --routing_plot counts the last chunk's routing in cached sampling: drop --no_cache")
 
     with torch.no_grad():
         context = text_encoder(ids)
         neg_context = text_encoder(torch.from_numpy(shapes.tokenize("", cfg.text_len))[None].to(device))
     n_chunks = (args.frames - prefix_frames) // fpc
     bar = tqdm(total=n_chunks, desc="chunks", dynamic_ncols=True)
+
+    def progress(i):                           # called after chunk i is finished (and written to the cache)
+        bar.update()
+        if args.routing_plot and i < args.frames // fpc - 1:     # count afresh: the last chunk's routing stays
+            dit.routing_log = rf.RoutingLog()
+
+    dit.routing_log = rf.RoutingLog() if args.routing_plot else None
     try:
         video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
                             neg_context=neg_context, prefix=prefix, seed=args.seed,
-                            use_cache=not args.no_cache, progress=lambda i: bar.update())
+                            use_cache=not args.no_cache, progress=progress)
     except ValueError as e:
         sys.exit(f"error: {e}")
     bar.close()
+    if args.routing_plot:
+        save_routing_plot(dit.routing_log, args.routing_plot, cfg)
+        print(f"wrote {args.routing_plot} (routing sparsity {dit.routing_log.sparsity():.0%} on the last chunk)")
+        dit.routing_log = None
 
     gen = to_uint8(video)
     if truth is not None:                                 # truth | generated, one row per clip

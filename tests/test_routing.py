@@ -1,0 +1,332 @@
+"""Tests of history routing (issue 3): the router, the log-sum-exp merge, the reference / two-branch / flex paths,
+routing in both forwards and in cached sampling, and the reported sparsity.
+
+Same tiny random model as test_model.py. Every equality test is paired with a wrong variant that must differ, so a
+test cannot pass because routing silently did nothing."""
+
+import math
+
+import pytest
+import torch
+
+import rf
+from test_model import FPC, HW, TINY, differs, make_model, rand_inputs, rel_err
+
+S = 16                                # tokens per frame at HW with the toy patch
+T = FPC * S                           # tokens per chunk
+NEG = dict(cfg_scale=3.0, neg_context=torch.zeros(1, 4, TINY["text_dim"]))   # CFG on: both branches route
+
+
+def two_stream_ids(N, tokens=1):
+    """Per-token (chunk, stream) of the two-stream forward's sequence [H_1 .. H_N-1 ; Z_1 .. Z_N]."""
+    chunk = torch.cat([torch.arange(N - 1), torch.arange(N)]).repeat_interleave(tokens)
+    stream = torch.tensor([rf.HISTORY] * (N - 1) + [rf.NOISY] * N).repeat_interleave(tokens)
+    return chunk, stream
+
+
+def forwards(model, x, t, ctx, hist):
+    return model(x, t, ctx), model(x, t, ctx, history=hist)
+
+
+def gen(model, ctx, num_frames, **kw):
+    return rf.generate(model, ctx, num_frames, **{"steps": 2, "size": HW, "seed": 0, **NEG, **kw})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. The router on planted inputs
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_eligible_chunks_follow_the_rule():
+    """Eligible = the clean_past term of may_attend: strictly earlier history chunks, for H and Z queries alike."""
+    N = 4
+    chunk, stream = two_stream_ids(N)
+    got = rf.eligible_chunks(chunk, N - 1)                                            # (2N - 1, N - 1)
+    for q in range(len(chunk)):
+        for j in range(N - 1):
+            assert got[q, j] == (j < chunk[q]), (q, j)
+            assert got[q, j] <= rf.may_attend(chunk[q], stream[q], torch.tensor(j), rf.HISTORY)  # a subset of it
+    assert not got[stream == rf.NOISY].diagonal().any()           # Z_i never gets its own answer H_i
+
+
+def planted(target, decoys, Nh, nh=2, hd=8):
+    """Queries whose best *eligible* chunk is target[q]; decoys[q] (future chunks, the answer H_i) score higher."""
+    Lq = len(target)
+    phi = torch.eye(hd)[:Nh].expand(1, nh, Nh, hd).transpose(1, 2).clone()         # (1, Nh, nh, hd): phi_j = e_j
+    q = torch.zeros(1, Lq, nh, hd)
+    for i, (tg, ds) in enumerate(zip(target, decoys)):
+        if tg is not None:
+            q[0, i, :, tg] = 5.0
+        for d in ds:
+            q[0, i, :, d] = 9.0                                                      # better than the target
+    q[..., Nh:] = torch.randn(1, Lq, nh, hd - Nh)                                   # noise the router must ignore
+    return q, phi
+
+
+def test_router_picks_the_planted_chunk_never_a_future_one_nor_the_answer():
+    N = 5
+    chunk, stream = two_stream_ids(N)
+    Nh = N - 1
+    eligible = rf.eligible_chunks(chunk, Nh)
+    target, decoys = [], []
+    for c, s in zip(chunk.tolist(), stream.tolist()):
+        target.append(c - 2 if c >= 2 else (0 if c == 1 else None))   # an earlier chunk, not the latest one
+        decoys.append([j for j in (c, c + 1) if j < Nh])              # own history copy H_c and the next chunk
+    q, phi = planted(target, decoys, Nh)
+    selected = rf.route(q, phi, eligible, top_k=1)                                    # (1, nh, Lq, Nh)
+    for i, tg in enumerate(target):
+        want = torch.zeros(Nh, dtype=torch.bool)
+        if tg is not None:
+            want[tg] = True
+        assert torch.equal(selected[0, 0, i], want) and torch.equal(selected[0, 1, i], want), i
+    assert not (selected & ~eligible).any()
+    # wrong variant: without the eligibility rule, the router would pick the decoys
+    assert (rf.route(q, phi, torch.ones_like(eligible), top_k=1) & ~eligible).any()
+    # fewer eligible chunks than k: all of them; ties: the earlier chunk wins
+    assert torch.equal(rf.route(q, phi, eligible, top_k=Nh + 3), eligible.expand_as(selected))
+    tie = rf.route(torch.zeros(1, 1, 1, 4), torch.ones(1, 3, 1, 4), torch.ones(1, 3, dtype=torch.bool), top_k=2)
+    assert tie.flatten().tolist() == [True, True, False]
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile.*:UserWarning")
+@torch.no_grad()
+def test_planted_chunk_reaches_the_attention():
+    """End to end through routed_attention: keys of chunk j all point along e_j (so phi_j = e_j) and the values
+    say which chunk they belong to; the output's mass per chunk shows exactly which chunks a query read."""
+    N, tokens, nh, hd = 4, 3, 2, 16
+    chunk, stream = two_stream_ids(N, tokens)
+    Nh, L = N - 1, len(chunk)
+    k = torch.zeros(1, L, nh, hd)
+    for j in range(N):
+        k[0, (chunk == j) & (stream == rf.HISTORY), :, j] = 1.0                        # H_j keys along e_j
+    v = torch.nn.functional.one_hot(chunk + N * stream, 2 * N).float()[None, :, None].expand(1, L, nh, 2 * N)
+    q = torch.zeros(1, L, nh, hd)
+    is_z = stream == rf.NOISY
+    q[0, is_z, :, 0] = 3.0                                           # Z queries prefer chunk 0 ...
+    q[0, is_z, :, 2] = 6.0                                           # ... but chunk 2 even more when eligible
+    phi = rf.chunk_means(k[:, :Nh * tokens], tokens)
+    assert torch.allclose(phi[0, :, 0], torch.eye(hd)[:Nh])
+    for backend in ("sdpa", "two_branch", "flex"):
+        routing = rf.Routing(chunk, stream, tokens, Nh, top_k=1, backend=backend)
+        mass = rf.routed_attention(q, k, v, phi, routing)[0, :, 0]                     # (L, 2N): weight per chunk
+        for i in range(N):                                            # Z_i: its own chunk + one chosen H chunk
+            row = mass[is_z & (chunk == i)]
+            read = {c for c in range(2 * N) if row[:, c].min() > 1e-6}
+            want = {N + i} | ({2} if i > 2 else {0} if i >= 1 else set())
+            assert read == want, (backend, i, read)
+
+
+def test_window_and_sink_select_what_they_say():
+    Nh = 6
+    q_chunk = torch.arange(Nh + 1)                                   # one query per chunk, chunk c sees 0..c-1
+    eligible = rf.eligible_chunks(q_chunk, Nh)
+    q, phi = torch.randn(1, Nh + 1, 2, 8), torch.randn(1, Nh, 2, 8)
+    for w in (1, 2, 4):
+        for sink in (False, True):
+            got = rf.route(q, phi, eligible, window=w, sink=sink)
+            for c in range(Nh + 1):
+                want = {j for j in range(c) if j >= c - w} | ({0} if sink and c > 0 else set())
+                assert {j for j in range(Nh) if got[0, 0, c, j]} == want, (w, sink, c)
+            assert torch.equal(got[0, 0], got[0, 1])                 # no query dependence, no head dependence
+    # top-k + sink: the k best plus chunk 0, which does not count toward k
+    got = rf.route(q, phi, eligible, top_k=1, sink=True)
+    assert torch.equal(got[..., 0], eligible[:, 0].expand(1, 2, -1))
+    assert (got[..., 1:].sum(-1) <= 1).all()
+
+
+def test_config_fields_and_errors():
+    cfg = rf.preset("toy", top_k=5)
+    assert cfg.routed and not rf.preset("toy").routed and rf.preset("toy", window=2, sink=True).routed
+    assert rf.config_from_dict(rf.config_to_dict(cfg)) == cfg                        # JSON-able, round trips
+    for bad in (dict(top_k=0), dict(window=0), dict(top_k=2, window=2), dict(sink=True)):
+        with pytest.raises(ValueError) as e:
+            rf.preset("toy", **bad)
+        assert "\n" not in str(e.value) and str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The log-sum-exp merge
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_merge_lse_equals_one_softmax_over_the_union():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 5, n, 8, generator=g) * 2 for n in (4, 10, 10))         # logits up to ~20
+    union = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    a, b = rf.attention_lse(q, k[:, :, :3], v[:, :, :3]), rf.attention_lse(q, k[:, :, 3:], v[:, :, 3:])
+    o, lse = rf.merge_lse(*a, *b)
+    assert rel_err(o, union) <= 1e-5
+    assert rel_err(lse, (q @ k.transpose(-1, -2) / math.sqrt(8)).logsumexp(-1)) <= 1e-5
+    assert differs(a[0], union) and differs(b[0], union)             # neither branch alone is the answer
+    # a branch with no keys (lse = -inf) changes nothing
+    o2, lse2 = rf.merge_lse(*a, torch.zeros_like(a[0]), torch.full_like(a[1], -torch.inf))
+    assert torch.equal(o2, a[0]) and torch.equal(lse2, a[1])
+    # huge logits: still finite (the max is subtracted first)
+    o3, _ = rf.merge_lse(a[0], a[1] + 1000, b[0], b[1] + 1000)
+    assert rel_err(o3, union) <= 1e-5
+    # many branches at once: three key sets, merged per output row
+    parts = [rf.attention_lse(q, k[:, :, s], v[:, :, s]) for s in (slice(0, 2), slice(2, 7), slice(7, 10))]
+    rows = q.shape[0] * q.shape[1] * q.shape[2]
+    o4, lse4 = rf.merge_lse_many(torch.cat([o.reshape(rows, 8) for o, _ in parts]),
+                                 torch.cat([lse.reshape(rows) for _, lse in parts]),
+                                 torch.arange(rows).repeat(3), rows)
+    assert rel_err(o4.view_as(union), union) <= 1e-5 and rel_err(lse4.view_as(lse), lse) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Routed forwards: k >= history equals dense; fast path and flex equal the reference
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def test_k_at_least_the_history_equals_dense():
+    N = 4                                      # at most N - 1 = 3 history chunks for any query
+    x, t, ctx, hist = rand_inputs(N=N)
+    dense = forwards(make_model(), x, t, ctx, hist)
+    for backend in ("sdpa", "two_branch"):
+        for k in (N - 1, N + 2):
+            m = make_model(top_k=k)
+            m.attn_backend = backend
+            for got, want in zip(forwards(m, x, t, ctx, hist), dense):
+                assert rel_err(got, want) <= 1e-5, (backend, k)
+        m = make_model(top_k=1)                # wrong variant: k = 1 is not dense
+        m.attn_backend = backend
+        assert all(differs(got, want) for got, want in zip(forwards(m, x, t, ctx, hist), dense))
+    # the window with w >= history is dense too, and w = 1 is not
+    assert rel_err(make_model(window=N)(x, t, ctx, history=hist), dense[1]) <= 1e-5
+    assert differs(make_model(window=1)(x, t, ctx, history=hist), dense[1])
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile.*:UserWarning")
+@pytest.mark.parametrize("rule", [dict(top_k=1), dict(top_k=2), dict(window=1, sink=True), dict(top_k=1, sink=True)])
+def test_fast_path_and_flex_equal_the_reference(rule):
+    N = 5
+    x, t, ctx, hist = rand_inputs(N=N)
+    m = make_model(**rule)
+    out, grads = {}, {}
+    for backend in ("sdpa", "two_branch"):
+        m.attn_backend = backend
+        m.zero_grad()
+        out[backend] = forwards(m, x, t, ctx, hist)
+        sum(o.square().mean() for o in out[backend]).backward()
+        grads[backend] = torch.cat([p.grad.flatten() for p in m.parameters()])
+    for got, ref in zip(out["two_branch"], out["sdpa"]):
+        assert rel_err(got, ref) <= 1e-5
+    assert rel_err(grads["two_branch"], grads["sdpa"]) <= 1e-5 and torch.isfinite(grads["two_branch"]).all()
+    with torch.no_grad():
+        m.attn_backend = "flex"                # CPU: flex runs unfused; forward only
+        for got, ref in zip(forwards(m, x, t, ctx, hist), out["sdpa"]):
+            assert rel_err(got, ref) <= 1e-5
+        m.attn_backend = "sdpa"                # wrong variant: dense differs from this routing
+        dense = forwards(make_model(), x, t, ctx, hist)
+        assert all(differs(a, b) for a, b in zip(out["sdpa"], dense))
+
+
+@torch.no_grad()
+def test_history_queries_route_too():
+    """In the two-stream forward the H queries route as well, so H_j's features are what the cache will hold:
+    the routed two-stream forward equals the routed block-causal forward on [history_<i at t = 0 ; x_i]."""
+    N = 4
+    x, t, ctx, hist = rand_inputs(N=N)
+    m = make_model(top_k=1)
+    v = m(x, t, ctx, history=hist)
+    i = N - 1
+    seq = torch.cat([hist[:, :i * FPC], x[:, i * FPC:]], dim=1)
+    ts = torch.cat([torch.zeros(x.shape[0], i * FPC), t[:, i * FPC:]], dim=1)
+    assert rel_err(v[:, i * FPC:], m(seq, ts, ctx)[:, -FPC:]) <= 1e-5
+    assert differs(v[:, i * FPC:], make_model()(seq, ts, ctx)[:, -FPC:])              # dense history differs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Cached sampling
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_cache_keeps_each_chunks_mean_key():
+    m = make_model(top_k=1)
+    x, t, ctx, _ = rand_inputs(N=3)
+    cache = rf.KVCache(m, 3 * FPC, HW)
+    text_kv = m.encode_text(ctx)
+    with torch.no_grad():
+        for i in range(2):
+            m.forward_chunk(x[:, i * FPC:(i + 1) * FPC], torch.zeros(2, FPC), text_kv, cache, commit=True)
+    for layer in cache.layers:
+        assert layer.chunks == 2 and layer.phi.dtype == torch.float
+        want = layer.k[:, :2 * T].unflatten(1, (2, T)).mean(2)
+        assert torch.allclose(layer.mean_keys(None), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", [dict(top_k=1), dict(top_k=2), dict(window=1, sink=True)])
+def test_cached_sampling_with_routing_equals_uncached(rule):
+    g = torch.Generator().manual_seed(5)
+    ctx = torch.randn(2, 4, TINY["text_dim"], generator=g)
+    prefix = torch.randn(2, FPC, 3, *HW, generator=g)
+    m = make_model(**rule)
+    a = gen(m, ctx, 5 * FPC, prefix=prefix, use_cache=True)
+    b = gen(m, ctx, 5 * FPC, prefix=prefix, use_cache=False)
+    assert rel_err(a, b) <= 1e-5
+    assert differs(a[:, 3 * FPC:], gen(make_model(), ctx, 5 * FPC, prefix=prefix)[:, 3 * FPC:])  # not dense
+
+
+def test_cached_sampling_with_k_at_least_the_history_equals_dense():
+    ctx = torch.randn(1, 4, TINY["text_dim"], generator=torch.Generator().manual_seed(6))
+    dense = gen(make_model(), ctx, 4 * FPC)
+    assert rel_err(gen(make_model(top_k=3), ctx, 4 * FPC), dense) <= 1e-5
+    assert differs(gen(make_model(top_k=1), ctx, 4 * FPC), dense)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Sparsity
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_reported_sparsity_is_one_minus_k_over_history(k):
+    """While generating chunk Nh + 1 every query has the same Nh history chunks: sparsity = 1 - k / Nh."""
+    Nh = 4
+    m = make_model(top_k=k)
+    ctx = torch.randn(1, 4, TINY["text_dim"])
+    log = rf.RoutingLog()
+    last = Nh                                                          # 0-based index of the chunk to watch
+
+    def watch(i):                                                      # called after chunk i is finished
+        m.routing_log = log if i == last - 1 else None
+
+    gen(m, ctx, (Nh + 1) * FPC, progress=watch)
+    assert log.sparsity() == pytest.approx(1 - k / Nh)
+    assert len(log.frequency()) == Nh and log.frequency().sum().item() == pytest.approx(k)
+    # in a forward, the history grows chunk by chunk: sparsity = 1 - sum min(k, n_q) / sum n_q over queries
+    x, t, ctx2, hist = rand_inputs(B=1, N=Nh + 1)
+    m.routing_log = log = rf.RoutingLog()
+    with torch.no_grad():
+        m(x, t, ctx2, history=hist)
+    n_q = [c for c in range(Nh) for _ in range(T)] + [c for c in range(Nh + 1) for _ in range(T)]   # H, then Z
+    want = 1 - sum(min(k, n) for n in n_q) / sum(n_q)
+    assert log.sparsity() == pytest.approx(want)
+    m.routing_log = log = rf.RoutingLog()                              # dense model: nothing skipped
+    dense = make_model()
+    dense.routing_log = log
+    with torch.no_grad():
+        dense(x, t, ctx2, history=hist)
+    assert log.sparsity() == 0.0 and len(log.selected) == 0            # dense never routes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. sample.py --routing_plot
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_sample_routing_plot(tmp_path, capsys):
+    import sample
+    from tiny_data import shapes
+
+    def checkpoint(name, **routing):
+        cfg = rf.preset("toy", **TINY, **routing)
+        enc = rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len)
+        rf.save_checkpoint(tmp_path / name, {"dit": rf.DiT(cfg).state_dict(), "text_encoder": enc.state_dict()},
+                           {"config": rf.config_to_dict(cfg), "vocab": shapes.VOCAB, "step": 0, "stage": "test"})
+        return str(tmp_path / name)
+
+    png = tmp_path / "routing.png"
+    argv = ["--caption", "red circle", "--num", "1", "--frames", str(4 * FPC), "--steps", "1", "--no-ema",
+            "--out", str(tmp_path / "out"), "--routing_plot", str(png)]
+    sample.main(["--ckpt", checkpoint("routed", top_k=1)] + argv)
+    assert png.stat().st_size > 1000
+    assert "sparsity 67%" in capsys.readouterr().out          # the last of 4 chunks: 1 - 1/3 of its history
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", checkpoint("dense")] + argv)
+    assert "dense" in str(e.value.code)
