@@ -52,6 +52,7 @@ class Train:
     on_bad_clip: str = "skip"         # a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop
 
 
+ROUTING_FIELDS = ("top_k", "window", "sink")   # the only model options --resume may change
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat average hides progress
 
 
@@ -60,23 +61,30 @@ T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """-> (the Train fields given on the command line, the Config fields given). Unset options are absent, so a
+    resumed run can tell "keep the checkpoint's value" from "change it"."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Train):
-        if f.type is bool or isinstance(f.default, bool):
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default)
+        if isinstance(f.default, bool):
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=f"default: {f.default}")
         else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f"default: {f.default}")
+            p.add_argument(f"--{f.name}", type=type(f.default), help=f"default: {f.default}")
     model = p.add_argument_group("model and method (override the preset)")
     for f in dataclasses.fields(rf.Config):
         default = getattr(rf.Config, f.name)
         if isinstance(default, tuple):
-            model.add_argument(f"--{f.name}", type=int, nargs=len(default), default=None)
+            model.add_argument(f"--{f.name}", type=int, nargs=len(default))
+        elif isinstance(default, bool):
+            model.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction)
+        elif default is None:                                                   # top_k, window: off by default
+            model.add_argument(f"--{f.name}", type=int)
         else:
-            model.add_argument(f"--{f.name}", type=type(default), default=None)
-    a = vars(p.parse_args(argv))
-    train = Train(**{f.name: a[f.name] for f in dataclasses.fields(Train)})
-    overrides = {f.name: a[f.name] for f in dataclasses.fields(rf.Config) if a[f.name] is not None}
-    return train, overrides
+            model.add_argument(f"--{f.name}", type=type(default))
+    given = vars(p.parse_args(argv))
+    config_names = {f.name for f in dataclasses.fields(rf.Config)}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in config_names}
+    return {k: v for k, v in given.items() if k not in config_names}, overrides
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -215,7 +223,8 @@ def check_writable(out):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
-    train, overrides = parse_args(argv)
+    given, overrides = parse_args(argv)
+    train = Train(**given)
     for flag in ("on_nan", "on_bad_clip"):
         if getattr(train, flag) not in ("stop", "skip"):
             sys.exit(f"error: --{flag} {getattr(train, flag)!r}: choose stop or skip")
@@ -229,15 +238,25 @@ def main(argv=None):
             sys.exit(f"error: --resume but no checkpoint in {out}: drop --resume to start a new run")
         meta, tensors = rf.load_checkpoint(checkpoints(out)[-1])
         cfg = rf.config_from_dict(meta["config"])
-        clash = {k: v for k, v in overrides.items() if getattr(cfg, k) != (tuple(v) if isinstance(v, list) else v)}
+        # a later stage may switch history routing on (the paper's last stage: top_k 5); nothing else may change
+        routing = {k: v for k, v in overrides.items() if k in ROUTING_FIELDS}
+        clash = {k: v for k, v in overrides.items() if k not in ROUTING_FIELDS and getattr(cfg, k) != v}
         if clash:
             sys.exit(f"error: --resume uses the checkpoint's config; these options differ from it: {clash}")
-        steps = train.steps
-        train = Train(**{**meta["train"], "steps": steps, "resume": True})
+        try:
+            cfg = dataclasses.replace(cfg, **routing)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        # the saved run settings, except those given now (--steps to go further; a new stage may change --data,
+        # --clip_frames, --lr, ...; the resumed run is then no longer the uninterrupted one, by choice)
+        train = Train(**{**meta["train"], **given, "resume": True})
     else:
         if checkpoints(out):
             sys.exit(f"error: {out} already holds a run: pass --resume to continue it or --out to start a new one")
-        cfg = rf.preset(train.preset, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        try:
+            cfg = rf.preset(train.preset, **overrides)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     print(f"device {device}; preset {train.preset}; overrides {overrides or 'none'}")
     try:
         data = Clips(train.data, train.clip_frames, cfg.frame_size, cfg.text_len, train.seed, train.on_bad_clip)

@@ -117,3 +117,15 @@ def test_help_lists_model_options(capsys):
     text = capsys.readouterr().out
     for option in ("--warmup_steps", "--degrade", "--frames_per_chunk", "--resample_shift", "--resume"):
         assert option in text
+
+
+def test_resume_can_switch_routing_on_for_a_last_stage(tmp_path):
+    """The paper's last stage fine-tunes the dense model with top-k routing: --resume accepts routing options."""
+    run_train(tmp_path, "--steps", "2", "--warmup_steps", "1", "--no-sample")
+    run_train(tmp_path, "--steps", "3", "--resume", "--top_k", "2", "--sink", "--clip_frames", "6", "--no-sample")
+    meta = json.loads((tmp_path / "latest" / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["config"]["top_k"] == 2 and meta["config"]["sink"] is True
+    assert meta["train"]["clip_frames"] == 6 and meta["config"]["dim"] == 32
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path, "--steps", "4", "--resume", "--window", "2", "--no-sample")
+    assert "top_k" in exit_message(e) and "window" in exit_message(e)
