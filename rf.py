@@ -760,13 +760,11 @@ class DiT(nn.Module):
         fpc, dev = self.cfg.frames_per_chunk, x.device
         if F_ > ROPE_LEN:
             raise ValueError(f"{F_} frames exceed the RoPE table ({ROPE_LEN} positions)")
-        S = (H // self.cfg.patch_size[1]) * (W // self.cfg.patch_size[2])
+        S = _tokens(self, H, W)
         text_kv = self.encode_text(context)
-        chunk = torch.arange(F_, device=dev) // fpc                                   # chunk id of every frame
+        chunk, stream = _block_causal_layout(F_, fpc, dev)     # one stream: the sequence is its own history
         if history is None:
-            stream = torch.full_like(chunk, HISTORY)      # one stream: the sequence is its own history
-            return self._forward(x, t, chunk * 0 + torch.arange(F_, device=dev), text_kv,
-                                 self._mask(chunk, stream, S), n_out=F_)
+            return self._forward(x, t, torch.arange(F_, device=dev), text_kv, self._mask(chunk, stream, S), n_out=F_)
         if history.shape != x.shape:
             raise ValueError(f"history must have the shape of x {tuple(x.shape)}, got {tuple(history.shape)}")
         Fh = F_ - fpc                  # [RF] the last history chunk would be seen by itself only: drop it
@@ -837,9 +835,7 @@ class KVCache:
     """The KV cache of chunk-by-chunk sampling: per layer, keys (after RoPE) and values of finished chunks."""
 
     def __init__(self, model: DiT, max_frames, frame_size):
-        cfg = model.cfg
-        S = (frame_size[0] // cfg.patch_size[1]) * (frame_size[1] // cfg.patch_size[2])
-        self.layers = [LayerKV(max_frames * S) for _ in range(cfg.num_layers)]
+        self.layers = [LayerKV(max_frames * _tokens(model, *frame_size)) for _ in range(model.cfg.num_layers)]
         self.frames = 0                                   # committed frames = next chunk's first RoPE position
 
     def commit(self, frames, tokens):
@@ -931,11 +927,13 @@ def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_sca
 
 
 def _block_causal_layout(num_frames, fpc, device):
+    """Chunk and stream id of every frame of the block-causal forward: one stream, chunk i = frames // fpc."""
     chunk = torch.arange(num_frames, device=device) // fpc
     return chunk, torch.full_like(chunk, HISTORY)
 
 
 def _tokens(model, H, W):
+    """Tokens per frame of size H x W."""
     return (H // model.cfg.patch_size[1]) * (W // model.cfg.patch_size[2])
 
 
