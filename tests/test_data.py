@@ -57,7 +57,7 @@ def test_objects_valid_and_inside_frame(small):
         assert np.all(small["colours"][i, n:] == -1)
         assert np.all(np.isnan(small["centres"][i, :, n:]))
         r = small["radii"][i, :n]
-        assert np.all((r >= 4) & (r <= 6))
+        assert np.all((r >= shapes.MIN_RADIUS) & (r <= shapes.MAX_RADIUS))
         c = small["centres"][i, :, :n]                # (F, n, 2)
         assert np.all(c - r[None, :, None] >= 0)
         assert np.all(c + r[None, :, None] <= FRAME_SIZE)
@@ -78,7 +78,7 @@ def test_every_object_is_visible_in_first_frame_when_alone(small):
         frame = small["frames"][i, 0]
         colour = PALETTE[COLOURS[small["colours"][i, 0]]]
         drawn = frame.reshape(-1, 3).any(axis=1)
-        assert drawn.sum() > 10
+        assert drawn.sum() >= 4 * shapes.MIN_RADIUS          # at least a few pixels
         assert np.all(frame.reshape(-1, 3)[drawn] == colour)
 
 
@@ -101,7 +101,7 @@ def test_bounce_flips_velocity_at_wall(small):
                 pos, v = c[i, :, j, axis], steps[i, :, j, axis]
                 wall_gap = np.minimum(pos - r, FRAME_SIZE - r - pos)
                 speed = np.median(np.abs(v))          # most steps are free flight
-                assert 1.0 <= speed <= 2.0
+                assert shapes.MIN_SPEED <= speed <= shapes.MAX_SPEED
                 # Free flight keeps |velocity| fixed. A step that crosses a
                 # wall is reflected, so its displacement can be shorter; such
                 # steps only happen next to a wall.
@@ -114,7 +114,7 @@ def test_bounce_flips_velocity_at_wall(small):
                 for a, b in zip(idx[:-1], idx[1:]):
                     if np.sign(v[a]) != np.sign(v[b]):
                         flips += 1
-                        assert wall_gap[a + 1:b + 1].min() <= 2.0
+                        assert wall_gap[a + 1:b + 1].min() <= shapes.MAX_SPEED
                     else:
                         assert b == a + 1             # no detour without a flip
     assert flips > 10                                 # bounces really happen
@@ -166,7 +166,7 @@ def test_load_errors_are_helpful(tmp_path):
 @pytest.mark.parametrize("path, n, f", [(TRAIN_PATH, 2000, 16), (TEST_PATH, 128, 64)])
 def test_shipped_files(path, n, f):
     data = load_dataset(path)
-    assert data["frames"].shape == (n, f, 32, 32, 3) and data["frames"].dtype == np.uint8
+    assert data["frames"].shape == (n, f, FRAME_SIZE, FRAME_SIZE, 3) and data["frames"].dtype == np.uint8
     assert data["centres"].shape == (n, f, 2, 2) and data["centres"].dtype == np.float32
     assert len(data["captions"]) == n
     assert data["num_objects"].shape == (n,)

@@ -122,7 +122,7 @@ def test_clip_folder_reports_and_skips_bad_clips(tmp_path, capsys):
 
     run_train(tmp_path / "run", "--steps", "2", "--data", str(folder), "--no-sample")
     out = capsys.readouterr().out
-    for name, reason in [("short.gif", "2 frames, fewer than --clip_frames 4"), ("big.gif", "64x64 frames"),
+    for name, reason in [("short.gif", "2 frames, fewer than --clip_frames 4"), ("big.gif", f"{2 * shapes.FRAME_SIZE}x{2 * shapes.FRAME_SIZE} frames"),
                          ("nocap.gif", "no caption file nocap.txt"), ("badword.gif", "purple"),
                          ("corrupt.gif", "unreadable")]:
         assert f"warning: skipping bad clip {name}: " in out and reason in out, (name, out)

@@ -34,7 +34,7 @@ import numpy as np
 # Constants
 # ----------------------------------------------------------------------------
 
-FRAME_SIZE = 32                      # frames are FRAME_SIZE x FRAME_SIZE RGB
+FRAME_SIZE = 16                      # frames are FRAME_SIZE x FRAME_SIZE RGB (small: the toy trains on 2 CPU cores)
 BACKGROUND = (0, 0, 0)               # flat black background
 
 # Pure saturated colours: far apart in RGB, so colour mistakes are obvious.
@@ -47,8 +47,8 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 COLOURS: tuple[str, ...] = tuple(PALETTE)          # index order used in arrays
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
-MIN_RADIUS, MAX_RADIUS = 4, 6        # half-extent of a shape, in pixels
-MIN_SPEED, MAX_SPEED = 1.0, 2.0      # |velocity| per axis, in pixels per frame
+MIN_RADIUS, MAX_RADIUS = 2, 3        # half-extent of a shape, in pixels
+MIN_SPEED, MAX_SPEED = 0.5, 1.0      # |velocity| per axis, in pixels per frame
 MAX_OBJECTS = 2                      # the data set arrays are padded to this
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -113,7 +113,7 @@ def simulate(state: dict, num_frames: int, size: int = FRAME_SIZE) -> np.ndarray
         pos = pos + vel
         # Reflect about the wall the centre crossed and flip that velocity
         # component. One reflection is enough: a step (<= 2 px) is much
-        # shorter than the free range (>= size - 2 * MAX_RADIUS = 20 px).
+        # shorter than the free range (>= size - 2 * MAX_RADIUS = 10 px).
         below, above = pos < low, pos > high
         pos = np.where(below, 2 * low - pos, pos)
         pos = np.where(above, 2 * high - pos, pos)
