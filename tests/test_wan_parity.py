@@ -1,9 +1,9 @@
 """Wan2.1 parity against an independent implementation: diffusers' WanTransformer3DModel.
 
 A tiny diffusers model gets random values in EVERY parameter (modulation tables, norms, proj_out included), its
-state dict is renamed to Wan's key names (the reverse of the mapping in shared/notes/wan.md section 5) and loaded
-into rf.DiT with load_state_strict. With one chunk covering all frames, rf's forward is bidirectional like Wan's,
-so both must give the same velocity in fp32:
+state dict is renamed to Wan's key names with rf.diffusers_to_wan_key (shared/notes/wan.md section 5, in reverse)
+and loaded into rf.DiT with load_state_strict. With one chunk covering all frames, rf's forward is bidirectional like
+Wan's, so both must give the same velocity in fp32:
     rf:        x (B, F, C, H, W), t (B, F) in [0, 1] (x1000 inside), context (B, Lt, text_dim) (zero-padded inside)
     diffusers: hidden_states (B, C, F, H, W), timestep 1000 t, encoder_hidden_states zero-padded to text_len by us
 """
@@ -24,45 +24,10 @@ TEXT_LEN = 8
 B, NF, H, W, LT = 2, 3, 8, 8, 5          # 3 frames of 4x4 tokens; 5 real text tokens, padded to 8
 S = (H // PATCH[1]) * (W // PATCH[2])
 
-BLOCK_RENAMES = [                          # diffusers name inside blocks.N -> Wan name (first match wins)
-    ("scale_shift_table", "modulation"),
-    ("attn1.to_out.0.", "self_attn.o."),
-    ("attn1.to_", "self_attn."),           # to_q / to_k / to_v -> q / k / v
-    ("attn1.", "self_attn."),              # norm_q / norm_k
-    ("attn2.to_out.0.", "cross_attn.o."),
-    ("attn2.to_", "cross_attn."),
-    ("attn2.", "cross_attn."),
-    ("norm2.", "norm3."),                  # the affine cross-attn norm: norm2 in diffusers, norm3 in Wan
-    ("ffn.net.0.proj.", "ffn.0."),
-    ("ffn.net.2.", "ffn.2."),
-]
-TOP_RENAMES = [
-    ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
-    ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
-    ("condition_embedder.time_proj.", "time_projection.1."),
-    ("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
-    ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
-    ("proj_out.", "head.head."),
-    ("patch_embedding.", "patch_embedding."),
-]
-
-
-def diffusers_to_wan_key(key):
-    if key == "scale_shift_table":                     # the top-level table is the head's modulation
-        return "head.modulation"
-    if key.startswith("blocks."):
-        _, n, rest = key.split(".", 2)
-        for old, new in BLOCK_RENAMES:
-            if rest.startswith(old):
-                return f"blocks.{n}.{new}{rest[len(old):]}"
-    for old, new in TOP_RENAMES:
-        if key.startswith(old):
-            return new + key[len(old):]
-    raise KeyError(f"no Wan name for diffusers key {key!r}")
-
-
 def diffusers_to_wan(state):
-    out = {diffusers_to_wan_key(k): v for k, v in state.items()}
+    """rf's rename (rf.diffusers_to_wan_key); test_key_mapping_covers_every_key checks it independently: the renamed
+    keys must be exactly our DiT's, with the same shapes, and the forward must then agree with diffusers'."""
+    out = {rf.diffusers_to_wan_key(k): v for k, v in state.items()}
     assert len(out) == len(state), "two diffusers keys mapped to one Wan key"
     return out
 
