@@ -50,6 +50,7 @@ class Train:
     sample: bool = True               # write sample GIFs with sample.py at the end
     on_nan: str = "stop"              # non-finite loss or gradient: stop (keeping the last checkpoint) | skip
     on_bad_clip: str = "skip"         # a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop
+    dry_run: bool = False             # Wan presets: check both checkpoint key layouts, print memory needs, exit
 
 
 ROUTING_FIELDS = ("top_k", "window", "sink")   # the only model options --resume may change
@@ -225,6 +226,9 @@ def check_writable(out):
 def main(argv=None):
     given, overrides = parse_args(argv)
     train = Train(**given)
+    if train.dry_run:              # builds the model on the meta device only: nothing is allocated or trained
+        print(rf.wan_memory_report(rf.preset(train.preset, **overrides)))
+        return
     for flag in ("on_nan", "on_bad_clip"):
         if getattr(train, flag) not in ("stop", "skip"):
             sys.exit(f"error: --{flag} {getattr(train, flag)!r}: choose stop or skip")

@@ -129,3 +129,9 @@ def test_resume_can_switch_routing_on_for_a_last_stage(tmp_path):
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path, "--steps", "4", "--resume", "--window", "2", "--no-sample")
     assert "top_k" in exit_message(e) and "window" in exit_message(e)
+
+
+def test_dry_run_prints_wan_memory_without_allocating(capsys):
+    train.main(["--preset", "wan2.1-t2v-1.3b", "--dry_run"])
+    text = capsys.readouterr().out
+    assert "1,418,996,800 parameters" in text and "total, checkpointing" in text and "KV cache" in text
