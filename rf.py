@@ -862,8 +862,9 @@ def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_sca
     """Generate a video chunk by chunk. Returns (B, num_frames, C, H, W); num_frames includes the prefix.
 
     context: (B, Lt, text_dim) prompt features; neg_context: the unconditional prompt's features (needed when
-    cfg_scale != 1); steps, shift, cfg_scale default to cfg.sample_*; prefix: (B, P, C, H, W) clean frames to continue from (P a multiple of the chunk);
-    size: (H, W), default prefix's or cfg.frame_size; progress: optional callable(chunk_index) per finished chunk.
+    cfg_scale != 1); steps, shift, cfg_scale: default cfg.sample_*; prefix: (B, P, C, H, W) clean frames to continue
+    from (P a multiple of the chunk); size: (H, W), default the prefix's or cfg.frame_size; progress: optional
+    callable(chunk_index) called per finished chunk.
     use_cache=True keeps each finished chunk's K/V (re-encoded once at t = 0); use_cache=False recomputes the
     block-causal forward over [finished chunks at t = 0 ; current chunk] at every step. Both give the same frames.
     """

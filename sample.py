@@ -31,7 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=24, help="frames per video, prefix included")
     p.add_argument("--prefix_frames", type=int, default=None,
                    help="clean test-clip frames to continue from (default: one chunk; 0 with --caption)")
-    p.add_argument("--test_data", default="tiny_data/test.npz")
+    p.add_argument("--test_data", default=str(shapes.TEST_PATH), help="held-out clips to continue")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample_steps)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: sample_shift)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: sample_cfg)")

@@ -30,18 +30,18 @@ from tiny_data import shapes
 @dataclass
 class Train:
     preset: str = "toy"
-    data: str = "tiny_data/train.npz"
+    data: str = str(shapes.TRAIN_PATH)   # an .npz from tiny_data/shapes.py, or a folder of clips + .txt captions
     out: str = "runs/toy"
     steps: int = 2000
     warmup_steps: int = 700           # teacher forcing first: early on the model's errors are noise, not drift
     batch_size: int = 8
     clip_frames: int = 8              # frames per training clip (4 chunks of 2 in the toy)
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.995
     caption_dropout: float = 0.1      # empty caption this often, so classifier-free guidance has something to use
-    log_every: int = 100
+    log_every: int = 250
     ckpt_every: int = 500
     keep_last: int = 3
     seed: int = 0
@@ -320,8 +320,9 @@ def main(argv=None):
             if not torch.isfinite(grad_norm):
                 fault = f"non-finite gradient (loss {loss.item():.4f})"
         if fault:
-            report = (f"{fault} at step {step + 1} ({mode}); per-chunk losses "
-                      f"{[round(x, 4) for x in chunk_loss.mean(0).tolist()]}; last good checkpoint: {last_ckpt or 'none'}")
+            losses = [round(x, 4) for x in chunk_loss.mean(0).tolist()]
+            report = (f"{fault} at step {step + 1} ({mode}); per-chunk losses {losses}; "
+                      f"last good checkpoint: {last_ckpt or 'none'}")
             if train.on_nan == "stop":
                 sys.exit(f"error: {report}. Resume from it with a lower --lr, or pass --on_nan skip")
             tqdm.write(f"warning: skipped the update: {report}")
@@ -378,7 +379,8 @@ def plot_losses(out, warmup_steps):
     steps = [r["step"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (lo, hi) in enumerate(zip(T_BUCKETS[:-1], T_BUCKETS[1:])):
-        ax.plot(steps, [float("nan") if r["bucket_loss"][i] is None else r["bucket_loss"][i] for r in rows], marker=".", label=f"t in [{lo}, {hi})")
+        losses = [float("nan") if r["bucket_loss"][i] is None else r["bucket_loss"][i] for r in rows]  # None: empty
+        ax.plot(steps, losses, marker=".", label=f"t in [{lo}, {hi})")
     ax.axvline(warmup_steps, color="grey", ls="--", lw=1, label="end of teacher-forcing warm-up")
     ax.set(xlabel="step", ylabel="flow-matching loss", yscale="log", title="training loss per noise level")
     ax.legend()

@@ -38,6 +38,8 @@ def main():
     p.add_argument("--clip_frames", type=int, default=8)
     p.add_argument("--chunks", type=int, default=16, help="chunks generated in the sampling benchmark")
     p.add_argument("--sample_steps", type=int, default=16)
+    p.add_argument("--sample_batch", type=int, nargs="+", default=[1, 4],
+                   help="videos per generate call; each runs with CFG (2 branches), as sample.py does")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,17 +76,19 @@ def main():
 
     model.eval()
     frames = args.chunks * cfg.frames_per_chunk
-    ctx = context[:1]
-    times = {}
-    for _ in range(max(1, args.repeats // 2)):
-        for use_cache in (True, False):
-            times.setdefault(use_cache, []).append(timed(lambda: rf.generate(
-                model, ctx, frames, steps=args.sample_steps, cfg_scale=1.0, use_cache=use_cache), 1, device)[0])
-    cached, uncached = statistics.median(times[True]), statistics.median(times[False])
-    print(f"sampling {args.chunks} chunks ({frames} frames), {args.sample_steps} Euler steps, batch 1, no CFG:")
-    print(f"  with KV cache        {cached:.2f} s")
-    print(f"  without (recompute)  {uncached:.2f} s")
-    print(f"  ratio cached / not   {cached / uncached:.3f}   (target <= 0.25)")
+    for batch in args.sample_batch:
+        ctx, neg = context[:1].expand(batch, -1, -1), torch.zeros_like(context[:1])
+        times = {}
+        for _ in range(max(1, args.repeats // 2)):
+            for use_cache in (True, False):
+                times.setdefault(use_cache, []).append(timed(lambda: rf.generate(
+                    model, ctx, frames, steps=args.sample_steps, cfg_scale=3.0, neg_context=neg,
+                    use_cache=use_cache), 1, device)[0])
+        cached, uncached = statistics.median(times[True]), statistics.median(times[False])
+        print(f"sampling {args.chunks} chunks ({frames} frames), {args.sample_steps} Euler steps, batch {batch}, CFG:")
+        print(f"  with KV cache        {cached:.2f} s")
+        print(f"  without (recompute)  {uncached:.2f} s")
+        print(f"  ratio cached / not   {cached / uncached:.3f}   (target <= 0.25)")
 
 
 if __name__ == "__main__":
