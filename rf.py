@@ -261,7 +261,7 @@ def attention(q, k, v, mask=None, phi=None):
     return out.transpose(1, 2)
 
 
-# --- History routing [RF] (paper Sec. 3.4, Eqs. 8-9) ------------------------------------------------------------
+# --- History routing [RF] (Eqs. 8-9) ----------------------------------------------------------------------------
 # A long video has many history chunks, and most of them matter little to a given query. With routing on, every
 # query token, in every layer and head, scores each earlier history chunk j by q . phi_j (phi_j = mean of chunk j's
 # keys) and reads its own chunk plus only the k best-scoring chunks. No parameters; no gradient through the choice.
