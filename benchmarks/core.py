@@ -18,17 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rf  # noqa: E402
 
 
-def timed(fn, repeats, device):
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def clock(fn, device):
+    """Wall-clock seconds of one call of fn (waiting for the GPU, when there is one)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def main():
@@ -66,7 +64,7 @@ def main():
     results = {}
     for _ in range(args.repeats):                         # interleaved, so drift in machine load hits both alike
         for mode in ("none", "autoregressive"):
-            results.setdefault(mode, []).append(timed(lambda: step(mode), 1, device)[0])
+            results.setdefault(mode, []).append(clock(lambda: step(mode), device))
     tf, rs = statistics.median(results["none"]), statistics.median(results["autoregressive"])
     print(f"training step, batch {args.batch_size} x {args.clip_frames} frames "
           f"({args.clip_frames // cfg.frames_per_chunk} chunks):")
@@ -81,9 +79,9 @@ def main():
         times = {}
         for _ in range(max(1, args.repeats // 2)):
             for use_cache in (True, False):
-                times.setdefault(use_cache, []).append(timed(lambda: rf.generate(
+                times.setdefault(use_cache, []).append(clock(lambda: rf.generate(
                     model, ctx, frames, steps=args.sample_steps, cfg_scale=3.0, neg_context=neg,
-                    use_cache=use_cache), 1, device)[0])
+                    use_cache=use_cache), device))
         cached, uncached = statistics.median(times[True]), statistics.median(times[False])
         print(f"sampling {args.chunks} chunks ({frames} frames), {args.sample_steps} Euler steps, batch {batch}, CFG:")
         print(f"  with KV cache        {cached:.2f} s")

@@ -19,26 +19,16 @@ A caching allocator (CUDA's, or this flag) keeps them mapped. Dense SDPA allocat
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rf  # noqa: E402
+from core import clock  # noqa: E402  (benchmarks/core.py: this folder is on sys.path when run as a script)
 
 VARIANTS = {"dense": {}, "top1": dict(top_k=1), "top3": dict(top_k=3), "top5": dict(top_k=5),
             "window5": dict(window=5)}
-
-
-def clock(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def attention_call(variant, H, T, nh, hd, device, dtype, backend):
