@@ -240,7 +240,10 @@ def main(argv=None):
     if train.resume:
         if not checkpoints(out):
             sys.exit(f"error: --resume but no checkpoint in {out}: drop --resume to start a new run")
-        meta, tensors = rf.load_checkpoint(checkpoints(out)[-1])
+        try:
+            meta, tensors = rf.load_checkpoint(checkpoints(out)[-1])
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
         cfg = rf.config_from_dict(meta["config"])
         # a later stage may switch history routing on (the paper's last stage: top_k 5); nothing else may change
         routing = {k: v for k, v in overrides.items() if k in ROUTING_FIELDS}
@@ -286,6 +289,8 @@ def main(argv=None):
         state = tensors["train_state"]
         gen.set_state(state.pop("rng"))
         load_optimizer(opt, state, meta["param_groups"])
+        for group in opt.param_groups:            # a new stage may give a new --lr / --weight_decay
+            group["lr"], group["weight_decay"] = train.lr, train.weight_decay
         start = meta["step"]
         print(f"resumed from {checkpoints(out)[-1]} at step {start} ({meta['stage']})")
     else:

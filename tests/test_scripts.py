@@ -126,8 +126,12 @@ def test_resume_can_switch_routing_on_for_a_last_stage(tmp_path):
     meta = json.loads((tmp_path / "latest" / "meta.json").read_text())
     assert meta["step"] == 3 and meta["config"]["top_k"] == 2 and meta["config"]["sink"] is True
     assert meta["train"]["clip_frames"] == 6 and meta["config"]["dim"] == 32
+    assert meta["param_groups"][0]["lr"] == meta["train"]["lr"] == train.Train.lr
+    run_train(tmp_path, "--steps", "4", "--resume", "--lr", "1e-4", "--no-sample")     # a new stage, a new lr
+    meta = json.loads((tmp_path / "latest" / "meta.json").read_text())
+    assert meta["param_groups"][0]["lr"] == meta["train"]["lr"] == 1e-4
     with pytest.raises(SystemExit) as e:
-        run_train(tmp_path, "--steps", "4", "--resume", "--window", "2", "--no-sample")
+        run_train(tmp_path, "--steps", "5", "--resume", "--window", "2", "--no-sample")
     assert "top_k" in exit_message(e) and "window" in exit_message(e)
 
 
