@@ -13,6 +13,7 @@ self-degraded by the model, `--degrade`). Everything that is the method lives in
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -201,6 +202,10 @@ def save(out, step, models, emas, opt, gen, cfg, train, keep_last):
                 vocab=shapes.VOCAB, param_groups=param_groups)
     path = Path(out) / f"step_{step:07d}"
     rf.save_checkpoint(path, groups, meta)
+    link = Path(out) / "latest.tmp"                  # `latest` -> this one, swapped atomically like the folder
+    link.unlink(missing_ok=True)
+    link.symlink_to(path.name)
+    os.replace(link, Path(out) / "latest")
     for old in checkpoints(out)[:-keep_last]:
         shutil.rmtree(old)
     return path
@@ -362,9 +367,6 @@ def main(argv=None):
     if last_ckpt is None:
         return
     latest = out / "latest"
-    if latest.is_symlink() or latest.exists():
-        latest.unlink()
-    latest.symlink_to(last_ckpt.name)
     with open(out / "log.jsonl", "a") as f:
         for row in log:
             f.write(json.dumps(dict(step=row[0], mode=row[1], bucket_loss=row[2])) + "\n")

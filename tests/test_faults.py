@@ -137,3 +137,10 @@ def test_clip_folder_reports_and_skips_bad_clips(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path / "run3", "--steps", "1", "--data", str(empty))
     assert "no video files" in exit_message(e)
+
+
+def test_latest_follows_every_save(tmp_path):
+    """An interrupted run still has `latest`: it moves at every checkpoint, not only at the end."""
+    run_train(tmp_path, "--steps", "2", "--ckpt_every", "1", "--keep_last", "1", "--no-sample")
+    assert (tmp_path / "latest").resolve().name == "step_0000002"
+    assert not (tmp_path / "latest.tmp").exists() and rf.load_checkpoint(tmp_path / "latest")[0]["step"] == 2
