@@ -1,4 +1,4 @@
-"""Toy video data: flat-coloured shapes bouncing around a black 32x32 frame.
+"""Toy video data: flat-coloured shapes bouncing around a black 16x16 frame.
 
 Every clip holds one or two objects (a colour + a shape) moving at constant
 velocity and bouncing elastically off the walls. A caption such as

@@ -1,0 +1,161 @@
+"""Tests for the per-frame video metrics (tiny_data/metrics.py).
+
+Each metric must be at its floor on ground-truth clips and must move when the
+clip is corrupted in the way the metric is meant to catch.
+"""
+
+import numpy as np
+import pytest
+
+from tiny_data.metrics import (
+    MAX_DISTANCE, colour_error, evaluate, ground_truth_floor, motion_error,
+    object_persistence, persistence_rate, snap, visible_objects,
+)
+from tiny_data.shapes import COLOURS, FRAME_SIZE, PALETTE, TEST_PATH, load_dataset
+
+KEYS = ("centres", "colours", "shapes", "radii")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset(TEST_PATH)
+
+
+@pytest.fixture(scope="module")
+def floor(data):
+    return ground_truth_floor(data)
+
+
+def info(data, i):
+    return {k: data[k][i] for k in KEYS}
+
+
+def two_object_clip(data):
+    """Index of the first test clip with two objects, both visible in every frame."""
+    for i in np.flatnonzero(data["num_objects"] == 2):
+        if visible_objects(data["centres"][i], data["colours"][i], data["shapes"][i],
+                           data["radii"][i]).all():
+            return int(i)
+    raise AssertionError("no fully visible two-object clip in test.npz")
+
+
+def box_blur(frames):
+    """3x3 box blur of uint8 frames, returned as float in [0, 1]."""
+    x = frames.astype(np.float64) / 255.0
+    p = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1:3]
+    return sum(p[:, dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)) / 9.0
+
+
+# ----------------------------------------------------------------------------
+# Floors on ground truth
+# ----------------------------------------------------------------------------
+
+def test_ground_truth_floors(floor):
+    assert floor["colour_error"].shape == (128, 64)
+    assert np.all(floor["colour_error"] == 0.0)
+    assert np.all(floor["persistence"] == 1.0)
+    motion = floor["motion_error"]
+    assert np.all(np.isfinite(motion))
+    assert motion.mean() < 0.5           # measured 0.28 px
+    assert motion.max() < 1.5            # measured 1.39 px (an overlap frame)
+    assert np.percentile(motion, 99) < 1.0
+
+
+def test_truth_has_hidden_objects_and_they_are_forgiven(data):
+    """The second object can fully hide the first in the truth; without the
+    visibility mask persistence would fail and motion would be penalised."""
+    hidden = 0
+    for i in range(len(data["frames"])):
+        vis = visible_objects(*(data[k][i] for k in KEYS))
+        hidden += int((~vis[:, :data["num_objects"][i]]).sum())
+    assert hidden > 0
+    i = next(i for i in range(128)
+             if not visible_objects(*(data[k][i] for k in KEYS))[:, :data["num_objects"][i]].all())
+    frames = data["frames"][i]
+    assert object_persistence(frames, data["colours"][i]).min() == 0.0  # strict version fails
+    assert evaluate(frames, info(data, i))["persistence"].min() == 1.0
+
+
+def test_uint8_and_float_inputs_agree(data):
+    frames = data["frames"][0]
+    np.testing.assert_array_equal(snap(frames), snap(frames / 255.0))
+    np.testing.assert_allclose(colour_error(frames), colour_error(frames / 255.0))
+
+
+# ----------------------------------------------------------------------------
+# Colour error
+# ----------------------------------------------------------------------------
+
+def test_colour_error_detects_blur_noise_and_shift(data):
+    frames = data["frames"][:8].reshape(-1, FRAME_SIZE, FRAME_SIZE, 3)
+    assert colour_error(frames).max() == 0.0
+    assert colour_error(box_blur(frames)).min() > 0.01
+    rng = np.random.default_rng(0)
+    noisy = frames / 255.0 + rng.normal(0.0, 0.1, frames.shape)
+    assert colour_error(noisy).min() > 0.03      # ~0.045; noise on black is half clipped
+    shifted = frames / 255.0 * 0.7 + 0.15        # washed-out colours, grey background
+    assert colour_error(shifted).min() > 0.1
+    # A frame of mid-grey is (sqrt(3) * 0.5 / sqrt(3)) = 0.5 from black.
+    grey = np.full((1, 4, 4, 3), 0.5)
+    np.testing.assert_allclose(colour_error(grey), [np.sqrt(3 * 0.25) / MAX_DISTANCE])
+
+
+# ----------------------------------------------------------------------------
+# Object persistence
+# ----------------------------------------------------------------------------
+
+def test_persistence_detects_removed_object(data):
+    i = two_object_clip(data)
+    frames = data["frames"][i].copy()
+    gone = PALETTE[COLOURS[data["colours"][i, 0]]]
+    frames[(frames == gone).all(-1)] = 0            # paint the first object black
+    result = evaluate(frames, info(data, i))
+    assert np.all(result["persistence"] == 0.0)
+    assert persistence_rate(result["persistence"]) == 0.0
+
+
+def test_persistence_detects_new_object(data):
+    i = two_object_clip(data)
+    frames = data["frames"][i].copy()
+    new = next(c for c in range(len(COLOURS)) if c not in data["colours"][i])
+    frames[10:, 0:2, 0:2] = PALETTE[COLOURS[new]]   # a 2x2 blob from frame 10 on
+    p = evaluate(frames, info(data, i))["persistence"]
+    assert np.all(p[:10] == 1.0) and np.all(p[10:] == 0.0)
+    assert persistence_rate(p) == pytest.approx(10 / 64)
+    # Two stray pixels are below min_pixels=3 and do not count as an object.
+    frames = data["frames"][i].copy()
+    frames[:, 0, 0:2] = PALETTE[COLOURS[new]]
+    assert np.all(evaluate(frames, info(data, i))["persistence"] == 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Motion error
+# ----------------------------------------------------------------------------
+
+def test_motion_error_detects_a_3px_shift(data):
+    shifts = []
+    for i in range(64):
+        c, r = data["centres"][i], data["radii"][i]
+        # frames where no object reaches the right edge after the shift (no wrap-around)
+        safe = np.all(np.nan_to_num(c[:, :, 1] + r + 3, nan=0.0) <= FRAME_SIZE, axis=1)
+        if not safe.any():
+            continue
+        moved = np.roll(data["frames"][i], 3, axis=2)
+        err = evaluate(moved, info(data, i))["motion_error"]
+        shifts.append(err[safe])
+    shifts = np.concatenate(shifts)
+    assert len(shifts) > 1000
+    assert 2.8 < shifts.mean() < 3.2               # 3 px, give or take the sub-pixel floor
+    assert shifts.min() > 3 - 1.5 and shifts.max() < 3 + 1.5
+
+
+def test_motion_error_penalises_a_missing_object(data):
+    i = two_object_clip(data)
+    frames = data["frames"][i].copy()
+    gone = PALETTE[COLOURS[data["colours"][i, 0]]]
+    frames[(frames == gone).all(-1)] = 0
+    err = motion_error(frames, data["centres"][i], data["colours"][i],
+                       data["shapes"][i], data["radii"][i])
+    diagonal = np.hypot(FRAME_SIZE, FRAME_SIZE)
+    assert np.all(err >= diagonal / 2)              # mean of the penalty and a tracked object
