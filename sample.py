@@ -190,9 +190,10 @@ def main(argv=None):
 
     dit.routing_log = rf.RoutingLog() if args.routing_plot else None
     try:
-        video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
-                            neg_context=neg_context, prefix=prefix, seed=args.seed,
-                            use_cache=not args.no_cache, progress=progress)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as train.py
+            video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+                                neg_context=neg_context, prefix=prefix, seed=args.seed,
+                                use_cache=not args.no_cache, progress=progress)
     except ValueError as e:
         sys.exit(f"error: {e}")
     bar.close()
