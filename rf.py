@@ -945,6 +945,12 @@ def _tokens(model, H, W):
 # 6. Training: Resampling Forcing (Algorithm 1)
 # ----------------------------------------------------------------------------------------------------------------
 
+def resample_sigmas(t_s, steps, device):
+    """The Euler grid of self-resampling, from each video's t_s (B,) down to 0 -> (steps + 1, B)."""
+    # NOTE(choice): with more than one step, the grid is uniform from t_s to 0 (the paper uses 1 step).
+    return t_s.to(device)[None] * torch.linspace(1, 0, steps + 1, device=device)[:, None]
+
+
 @torch.no_grad()
 def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=None):
     """Eq. 5, autoregressive self-resampling: x~^i = x^i_{t_s} denoised to t = 0 conditioned on x~^{<i}.
@@ -956,9 +962,8 @@ def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=N
     fpc = model.cfg.frames_per_chunk
     text_kv = model.encode_text(context)
     cache = KVCache(model, F_ - fpc, (H, W))
-    # NOTE(choice): with more than one step, the grid is uniform from t_s to 0 (the paper uses 1 step).
-    sigmas = t_s.to(clip.device)[None] * torch.linspace(1, 0, steps + 1, device=clip.device)[:, None]  # (steps+1, B)
-    ts = t_s.to(clip.device)[:, None].expand(B, fpc)
+    sigmas = resample_sigmas(t_s, steps, clip.device)                                # (steps + 1, B)
+    ts = sigmas[0][:, None].expand(B, fpc)
     out = clip.clone()
     for i in range(F_ // fpc - 1):
         x0 = clip[:, i * fpc:(i + 1) * fpc]
@@ -990,7 +995,7 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
     if mode == "autoregressive":
         return resample_autoregressive(model, clip, context, t_s, cfg.resample_steps, generator)
     if mode == "parallel":
-        sigmas = t_s.to(clip.device)[None] * torch.linspace(1, 0, cfg.resample_steps + 1, device=clip.device)[:, None]
+        sigmas = resample_sigmas(t_s, cfg.resample_steps, clip.device)                # (steps + 1, B)
         x = add_noise(clip, _randn(clip.shape, generator, clip.device).to(clip.dtype), sigmas[0][:, None].expand(B, F_))
         return euler(lambda x, t: model(x, t, context, history=clip), x, sigmas)
     raise ValueError(f"unknown degrade mode {mode!r}: choose one of {DEGRADE_MODES}")
