@@ -856,6 +856,11 @@ def _randn(shape, generator, device):
     return torch.randn(shape, generator=generator).to(device)
 
 
+def _randn_like(x, generator):
+    """Gaussian noise of x's shape, device and dtype, drawn as _randn does."""
+    return _randn(x.shape, generator, x.device).to(x.dtype)
+
+
 @torch.no_grad()
 def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_scale=None, neg_context=None,
              prefix=None, size=None, seed=0, use_cache=True, progress=None):
@@ -967,7 +972,7 @@ def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=N
     out = clip.clone()
     for i in range(F_ // fpc - 1):
         x0 = clip[:, i * fpc:(i + 1) * fpc]
-        x = add_noise(x0, _randn(x0.shape, generator, clip.device).to(x0.dtype), ts)  # fresh noise, not the loss's
+        x = add_noise(x0, _randn_like(x0, generator), ts)  # fresh noise, not the loss's
         x = euler(lambda x, t: model.forward_chunk(x, t, text_kv, cache), x, sigmas)
         model.forward_chunk(x, torch.zeros_like(ts), text_kv, cache, commit=True)    # write x~^i at t = 0
         out[:, i * fpc:(i + 1) * fpc] = x
@@ -989,14 +994,14 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
         return clip
     if mode == "noise":
         tau = torch.rand(B, 1, generator=generator).expand(B, F_).to(clip.device) * cfg.noise_aug_max
-        return add_noise(clip, _randn(clip.shape, generator, clip.device).to(clip.dtype), tau)
+        return add_noise(clip, _randn_like(clip, generator), tau)
     # Algorithm 1, lines 2-3: one simulation timestep per video, logit-normal, shifted with s < 1 toward clean
     t_s = shift_t(logit_normal(B, generator), cfg.resample_shift)                    # (B,)
     if mode == "autoregressive":
         return resample_autoregressive(model, clip, context, t_s, cfg.resample_steps, generator)
     if mode == "parallel":
         sigmas = resample_sigmas(t_s, cfg.resample_steps, clip.device)                # (steps + 1, B)
-        x = add_noise(clip, _randn(clip.shape, generator, clip.device).to(clip.dtype), sigmas[0][:, None].expand(B, F_))
+        x = add_noise(clip, _randn_like(clip, generator), sigmas[0][:, None].expand(B, F_))
         return euler(lambda x, t: model(x, t, context, history=clip), x, sigmas)
     raise ValueError(f"unknown degrade mode {mode!r}: choose one of {DEGRADE_MODES}")
 
@@ -1011,7 +1016,7 @@ def training_loss(model: DiT, clip, context, mode=None, generator=None):
     history = degrade_history(model, clip, context, mode or cfg.degrade, generator)   # lines 2-5 (no grad)
     t = sample_train_t(cfg, B, N, generator).to(clip.device)                          # line 6: (B, N)
     t_frames = t.repeat_interleave(fpc, dim=1)                                        # (B, F)
-    eps = _randn(clip.shape, generator, clip.device).to(clip.dtype)
+    eps = _randn_like(clip, generator)
     v = model(add_noise(clip, eps, t_frames), t_frames, context, history=history)     # line 7: one forward
     err = (v.float() - (eps - clip).float()).pow(2).mean(dim=(2, 3, 4))               # (B, F); target: GT always
     chunk_loss = err.unflatten(1, (N, fpc)).mean(2)                                   # (B, N)
