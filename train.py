@@ -54,7 +54,9 @@ class Train:
     dry_run: bool = False             # Wan presets: check both checkpoint key layouts, print memory needs, exit
 
 
-ROUTING_FIELDS = ("top_k", "window", "sink")   # the only model options --resume may change
+# The only model options --resume may change: how the history is degraded and routed in a new stage. They hold no
+# weights, so a run may branch: the evidence experiment trains every method from one shared teacher-forcing warm-up.
+STAGE_FIELDS = ("degrade", "resample_shift", "resample_steps", "noise_aug_max", "top_k", "window", "sink")
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat average hides progress
 
 
@@ -250,13 +252,13 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         cfg = rf.config_from_dict(meta["config"])
-        # a later stage may switch history routing on (the paper's last stage: top_k 5); nothing else may change
-        routing = {k: v for k, v in overrides.items() if k in ROUTING_FIELDS}
-        clash = {k: v for k, v in overrides.items() if k not in ROUTING_FIELDS and getattr(cfg, k) != v}
+        # a later stage may switch history routing on (the paper's last stage: top_k 5) or change the degradation
+        stage = {k: v for k, v in overrides.items() if k in STAGE_FIELDS}
+        clash = {k: v for k, v in overrides.items() if k not in STAGE_FIELDS and getattr(cfg, k) != v}
         if clash:
             sys.exit(f"error: --resume uses the checkpoint's config; these options differ from it: {clash}")
         try:
-            cfg = dataclasses.replace(cfg, **routing)
+            cfg = dataclasses.replace(cfg, **stage)
         except ValueError as e:
             sys.exit(f"error: {e}")
         # the saved run settings, except those given now (--steps to go further; a new stage may change --data,
