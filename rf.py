@@ -20,7 +20,8 @@ Reading order
     5. Sampling: generate (chunk by chunk, Euler, CFG, KV cache)
     6. Training: self-resampling and the loss (Algorithm 1)
     7. The toy caption encoder; saving and loading
-    8. Wan2.1 weights: the diffusers key rename, load_wan (file, folder or hub id), a memory estimate
+    8. Wan2.1 weights: the diffusers key rename, load_wan (file, folder or hub id), the text encoder and the
+       VAE (umT5 and Wan's VAE, from transformers and diffusers), a memory estimate
 
 Conventions (fixed everywhere below)
     B batch, F frames, C channels, H x W frame size (Wan: latent frames, 8x smaller than pixels; toy: pixels)
@@ -31,6 +32,8 @@ Conventions (fixed everywhere below)
     lines tagged [RF] are where this model departs from Wan2.1; `grep -n "\\[RF\\]" rf.py` lists the diff
 """
 
+import html
+import importlib
 import json
 import math
 import os
@@ -146,9 +149,31 @@ def shift_t(t, s):
     return s * t / (1 + (s - 1) * t)
 
 
+@dataclass
+class BatchSlice:
+    """Rows `rows` of a batch of `batch` videos, computed apart from the others (a gradient-accumulation micro-batch,
+    or one process's share under torchrun). It goes where a generator goes: every random draw (t, t_s, noise) is
+    then made for the whole batch from `generator`, and only these rows are kept."""
+    # NOTE(choice): the two usual ways to make a split batch draw what the whole batch would: seed a generator per
+    # video from (seed, step, index), or draw the whole batch's randomness in every piece and slice it. We slice:
+    # the numbers are then exactly those of the unsplit batch (one process, no accumulation is unchanged), at the
+    # cost of drawing the batch's noise once per piece (cheap next to a forward).
+    generator: torch.Generator
+    batch: int
+    rows: slice
+
+
+def draw(fn, shape, generator=None):
+    """fn(shape, generator=...) for fn = torch.rand or torch.randn, shape[0] the batch. With a BatchSlice: drawn for
+    the whole batch, this slice's rows returned."""
+    if isinstance(generator, BatchSlice):
+        return fn((generator.batch, *shape[1:]), generator=generator.generator)[generator.rows]
+    return fn(shape, generator=generator)
+
+
 def logit_normal(shape, generator=None):
     """t = sigmoid(z), z ~ N(0, 1): mass in the middle of [0, 1], none at the ends."""
-    return torch.sigmoid(torch.randn(shape, generator=generator))
+    return torch.sigmoid(draw(torch.randn, shape, generator))
 
 
 def sample_train_t(cfg: Config, batch, num_chunks, generator=None):
@@ -159,7 +184,7 @@ def sample_train_t(cfg: Config, batch, num_chunks, generator=None):
     if cfg.train_t == "logit_normal":
         u = logit_normal((batch, num_chunks), generator)
     else:
-        u = torch.rand((batch, num_chunks), generator=generator)
+        u = draw(torch.rand, (batch, num_chunks), generator)
     return shift_t(u, cfg.train_shift)
 
 
@@ -725,7 +750,9 @@ class DiT(nn.Module):
         return rearrange(x, "b (f h w) (ph pw c) -> b f c (h ph) (w pw)", f=n_out, h=h, ph=ph, pw=pw)
 
     def _mask(self, chunk, stream, tokens_per_frame):
-        """The rule of section 3 for a layout given per frame, as the chosen backend's mask."""
+        """The rule of section 3 for a layout given per frame, as the chosen backend's mask (None: no mask needed)."""
+        if not self.cfg.routed and bool((chunk == chunk[0]).all() & (stream == stream[0]).all()):
+            return None      # one chunk, one stream: every token sees every token (Wan's own bidirectional forward)
         chunk, stream = chunk.repeat_interleave(tokens_per_frame), stream.repeat_interleave(tokens_per_frame)
         backend = self.attn_backend
         if self.cfg.routed:                                                           # [RF] history routing
@@ -853,7 +880,7 @@ class KVCache:
 
 def _randn(shape, generator, device):
     # noise is drawn on the CPU from a seeded generator: the same seed gives the same video on every device
-    return torch.randn(shape, generator=generator).to(device)
+    return draw(torch.randn, shape, generator).to(device)
 
 
 def _randn_like(x, generator):
@@ -993,10 +1020,10 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
     if mode == "none":
         return clip
     if mode == "noise":
-        tau = torch.rand(B, 1, generator=generator).expand(B, F_).to(clip.device) * cfg.noise_aug_max
+        tau = draw(torch.rand, (B, 1), generator).expand(B, F_).to(clip.device) * cfg.noise_aug_max
         return add_noise(clip, _randn_like(clip, generator), tau)
     # Algorithm 1, lines 2-3: one simulation timestep per video, logit-normal, shifted with s < 1 toward clean
-    t_s = shift_t(logit_normal(B, generator), cfg.resample_shift)                    # (B,)
+    t_s = shift_t(logit_normal((B,), generator), cfg.resample_shift)                 # (B,)
     if mode == "autoregressive":
         return resample_autoregressive(model, clip, context, t_s, cfg.resample_steps, generator)
     if mode == "parallel":
@@ -1009,6 +1036,8 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
 def training_loss(model: DiT, clip, context, mode=None, generator=None):
     """One Resampling Forcing (or teacher forcing) loss. clip: (B, F, C, H, W) clean; context: (B, Lt, text_dim).
 
+    generator: every random draw comes from it; a BatchSlice when clip is a slice of a larger batch (gradient
+    accumulation, several processes), so the slice gets the draws it would get in the whole batch.
     Returns (loss, chunk_loss (B, N), chunk_t (B, N)); the last two are detached, for logging by noise level."""
     cfg, fpc = model.cfg, model.cfg.frames_per_chunk
     B, F_ = clip.shape[:2]
@@ -1234,8 +1263,9 @@ def _is_repo_id(source: str) -> bool:
     return len(parts) == 2 and all(p and set(p) <= ok and not p.startswith(".") for p in parts)
 
 
-def _download(repo_id: str) -> Path:
-    """Fetch only the DiT's weights and config of a hub repo (progress bars from huggingface_hub; cached)."""
+def _download(repo_id: str, patterns=DIT_HUB_FILES, then="load_wan('{name}')") -> Path:
+    """Fetch only the files of a hub repo that match `patterns` (default: the DiT's weights and config), with
+    huggingface_hub's progress bars and cache. `then`: how to use a local copy, for the offline message."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -1245,18 +1275,18 @@ def _download(repo_id: str) -> Path:
     # huggingface_hub reads HF_HUB_OFFLINE once, at import; reading it here too honours it when it is set later
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=DIT_HUB_FILES, local_files_only=offline))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
     except RepositoryNotFoundError:
         raise ValueError(f"{repo_id!r} is neither a local path nor a model on the Hugging Face Hub (if it is private, "
                          f"log in with `hf auth login`)") from None
     except Exception as e:                 # offline, no connection, a hub error: huggingface_hub has many types
         why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
                else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-        name, include = repo_id.split("/")[1], " ".join(f"--include '{p}'" for p in DIT_HUB_FILES)
+        name, include = repo_id.split("/")[1], " ".join(f"--include '{p}'" for p in patterns)
         raise ConnectionError(
             f"could not reach the Hugging Face Hub for {repo_id!r} ({why}), and there is no local path of that name. "
             f"Download it where there is internet (hf download {repo_id} {include} --local-dir {name}) and pass "
-            f"that folder: load_wan('{name}')") from None
+            f"that folder: {then.format(name=name)}") from None
 
 
 def find_wan_files(source):
@@ -1406,6 +1436,131 @@ def load_wan(source, dtype=torch.bfloat16, device="cpu", preset_name="wan2.1-t2v
           f"{in_file} in the file) -> {str(dtype).removeprefix('torch.')} on {device}"
           + (" (fp32 islands in float32)" if dtype.itemsize < 4 else ""))
     return model
+
+
+# --- the text encoder and the VAE --------------------------------------------------------------------------------
+# Not re-implemented here: transformers' UMT5EncoderModel with its tokenizer, and diffusers' AutoencoderKLWan, read
+# from the diffusers layout of the Wan repo (tokenizer/, text_encoder/, vae/). Imported only when used.
+
+WAN_PARTS_REPO = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"      # the repo that has all of them in the diffusers layout
+WAN_FPS = 16                                             # Wan's sample_fps: the frame rate it was trained on
+WAN_NEGATIVE_PROMPT = (                                  # Wan's sample_neg_prompt: CFG's unconditional prompt
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走")
+WAN_PART_FILES = {"tokenizer": "tokenizer_config.json", "text_encoder": "config.json", "vae": "config.json"}
+
+
+def _need(module):
+    """Import a package only the Wan path needs, or stop with the one line that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"the Wan text encoder and VAE need {module}: pip install transformers 'diffusers>=0.35'"
+                          ) from None
+
+
+def wan_part(source, part) -> Path:
+    """The folder of one part (tokenizer, text_encoder or vae) of a Wan model in the diffusers layout. source: the
+    repo root (a local folder, or a hub id of which only that part is downloaded), or the part's own folder."""
+    path = Path(source).expanduser()
+    if not path.exists() and _is_repo_id(str(source)):
+        path = _download(str(source), [f"{part}/*"], then=f"pass that folder (it holds {part}/)")
+    for folder in (path / part, path):
+        if (folder / WAN_PART_FILES[part]).is_file():
+            return folder
+    raise FileNotFoundError(f"no {part}/ folder (with {WAN_PART_FILES[part]}) in {source}: the text encoder and the "
+                            f"VAE load from the diffusers layout of Wan, e.g. {WAN_PARTS_REPO} or a local copy of it")
+
+
+def load_wan_text_encoder(source, dtype=torch.float32, device="cpu"):
+    """-> (tokenizer, umT5 encoder), frozen, from tokenizer/ and text_encoder/ of a Wan repo in the diffusers layout.
+    Wan runs umT5 in bf16 on the GPU; on the CPU keep fp32."""
+    transformers = _need("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(wan_part(source, "tokenizer"))
+    encoder = transformers.UMT5EncoderModel.from_pretrained(wan_part(source, "text_encoder"), dtype=dtype)
+    return tokenizer, encoder.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, encoder, prompts, text_len):
+    """Prompts -> Wan's text features (B, text_len, text_dim) in fp32, and each prompt's real token count (B,).
+
+    Wan's recipe: tidy the text, tokenize with EOS and truncation at text_len, run umT5 with the padding masked, keep
+    the real tokens' features (EOS included) and zero-pad them to text_len. Tokens are padded on the right, so
+    zeroing the padded rows is the trim and the pad in one."""
+    # NOTE(choice): Wan also runs ftfy.fix_text (it repairs mis-decoded unicode); we skip it, to need one package less.
+    prompts = [" ".join(html.unescape(html.unescape(p)).split()) for p in prompts]   # Wan's whitespace_clean
+    tokenizer.padding_side = "right"
+    tokens = tokenizer(prompts, padding="max_length", max_length=text_len, truncation=True, add_special_tokens=True,
+                       return_attention_mask=True, return_tensors="pt")
+    device = next(encoder.parameters()).device
+    mask = tokens.attention_mask.to(device)                                            # (B, text_len) 1 = real
+    features = encoder(tokens.input_ids.to(device), attention_mask=mask).last_hidden_state
+    return (features * mask[..., None]).float(), mask.sum(1).cpu()                     # (B, text_len, text_dim)
+
+
+def load_wan_vae(source, device="cpu"):
+    """diffusers' AutoencoderKLWan from vae/ of a Wan repo in the diffusers layout, frozen, in fp32 (as diffusers
+    recommends for this VAE)."""
+    diffusers = _need("diffusers")
+    vae = diffusers.AutoencoderKLWan.from_pretrained(wan_part(source, "vae"), torch_dtype=torch.float32)
+    if getattr(vae.config, "patch_size", None):
+        raise ValueError(f"the VAE in {source} patchifies its input (Wan2.2's): rf supports Wan2.1's VAE")
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def vae_strides(vae):
+    """(temporal, spatial) compression of the VAE: (4, 8) for Wan2.1."""
+    return getattr(vae.config, "scale_factor_temporal", None) or 4, getattr(vae.config, "scale_factor_spatial", None) or 8
+
+
+def latent_frames(frames, frames_per_chunk, temporal=4):
+    """Video frames -> latent frames. The VAE makes 1 + k latent frames of 1 + 4k video frames (81 -> 21), and the
+    DiT wants whole chunks of latent frames. A ValueError that names the nearest valid count otherwise."""
+    ok = [1 + temporal * (n - 1) for n in range(frames_per_chunk, ROPE_LEN + 1, frames_per_chunk)]
+    if frames not in ok:
+        near = min(ok, key=lambda f: abs(f - frames))
+        raise ValueError(f"{frames} frames: Wan's VAE takes 1 + {temporal}k frames (giving 1 + k latent frames) and "
+                         f"the model whole chunks of {frames_per_chunk} latent frames, i.e. {ok[0]}, {ok[1]}, "
+                         f"{ok[2]}, ... frames: use {near}")
+    return 1 + (frames - 1) // temporal
+
+
+def _latent_stats(vae, like):
+    """Wan's per-channel latent mean and std, shaped to broadcast over (B, F, C, H, W)."""
+    mean, std = (torch.tensor(getattr(vae.config, n), dtype=like.dtype, device=like.device).view(1, 1, -1, 1, 1)
+                 for n in ("latents_mean", "latents_std"))
+    return mean, std
+
+
+@torch.no_grad()
+def vae_encode(vae, video):
+    """video (B, T, 3, H, W) in [-1, 1], T = 1 + 4k -> Wan latents (B, 1 + k, C, H/8, W/8), normalised per channel
+    with Wan's mean and std. (diffusers' VAE does not normalise; WanPipeline does it outside, as here.)"""
+    x = rearrange(video, "b t c h w -> b c t h w").to(vae.device, vae.dtype)
+    mu = vae.encode(x).latent_dist.mean                    # only the mean, as Wan does
+    z = rearrange(mu, "b c f h w -> b f c h w").float()
+    mean, std = _latent_stats(vae, z)
+    return (z - mean) / std
+
+
+@torch.no_grad()
+def vae_decode_chunks(vae, latents):
+    """Normalised latents (B, F, C, h, w) -> video frames in [-1, 1], yielded one latent frame at a time: (B, 1, 3,
+    H, W) for the first, (B, 4, 3, H, W) for each later one.
+
+    This is diffusers' own decode loop (AutoencoderKLWan._decode) with the loop turned inside out: its causal
+    decoder takes one latent frame per call and keeps the last frames each causal convolution needs in a feature
+    cache, so memory stays that of one latent frame however long the video, and the frames equal vae.decode's."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+    mean, std = _latent_stats(vae, latents)
+    z = rearrange(latents.float() * std + mean, "b f c h w -> b c f h w").to(vae.device, vae.dtype)
+    cache = [None] * sum(isinstance(m, WanCausalConv3d) for m in vae.decoder.modules())   # one slot per conv
+    for i in range(z.shape[2]):
+        x = vae.post_quant_conv(z[:, :, i:i + 1])                       # a 1x1x1 conv: frame by frame is exact
+        out = vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=i == 0)       # (B, 3, 1 or 4, H, W)
+        yield rearrange(out.clamp(-1, 1), "b c t h w -> b t c h w")
 
 
 # --- memory, without memory ------------------------------------------------------------------------------------

@@ -1,15 +1,22 @@
 """
-sample.py -- generate videos chunk by chunk from a checkpoint written by train.py.
+sample.py -- generate videos chunk by chunk from a checkpoint written by train.py, or from Wan2.1's weights.
 
     python sample.py                                   # continue 4 held-out test clips, side by side with truth
     python sample.py --caption "red circle, blue square" --frames 48
     python sample.py --ckpt runs/toy/latest --seed 3 --no-ema
+    python sample.py --preset wan2.1-t2v-1.3b --prompt "A cat walks on the grass, realistic"     # Wan2.1 text-to-video
+    python sample.py --ckpt runs/wan/latest --prompt "..."                 # a Wan model fine-tuned by train.py
 
-Writes samples.gif, samples.mp4 (when imageio-ffmpeg is installed) and contact_sheet.png to --out. The model is
-rebuilt from the checkpoint alone (its config.json says what it is); nothing is guessed.
+Toy: writes samples.gif, samples.mp4 (when imageio-ffmpeg is installed) and contact_sheet.png to --out. The model
+is rebuilt from the checkpoint alone (its meta.json says what it is); nothing is guessed.
+Wan: writes one MP4 per video (480x832, 81 frames at 16 fps by default). The prompt is encoded by umT5, the video
+generated 3 latent frames (one chunk) at a time with the KV cache, then decoded by Wan's VAE one latent frame at a
+time straight into the file. Defaults as in the paper: 32 Euler steps, shift 5, CFG 5 against Wan's negative prompt.
 """
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -20,15 +27,20 @@ from tqdm import tqdm
 
 import rf
 from tiny_data import shapes
+from train import add_config_options, is_wan, split_config_options
+
+ROUTING_FIELDS = ("top_k", "window", "sink")   # model options a checkpoint may be sampled with: they hold no weights
 
 
 def parse_args(argv=None):
+    """-> (options, the rf.Config fields given: for --preset, or the routing fields for a checkpoint)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="runs/toy/latest", help="checkpoint folder written by train.py")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder written by train.py (default: runs/toy/latest)")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt>/../samples)")
     p.add_argument("--caption", default=None, help='e.g. "red circle, blue square"; default: test-set clips')
-    p.add_argument("--num", type=int, default=4, help="number of videos")
-    p.add_argument("--frames", type=int, default=24, help="frames per video, prefix included")
+    p.add_argument("--num", type=int, default=None, help="number of videos (default: toy 4, Wan 1)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames per video, prefix included (default: toy 24; Wan 81 video frames, 1 + 4k)")
     p.add_argument("--prefix_frames", type=int, default=None,
                    help="clean test-clip frames to continue from (default: one chunk; 0 with --caption)")
     p.add_argument("--test_data", default=str(shapes.TEST_PATH), help="held-out clips to continue")
@@ -42,16 +54,41 @@ def parse_args(argv=None):
     p.add_argument("--routing_plot", default=None, metavar="PATH",
                    help="save a bar chart (PNG) of how often each history chunk was selected while generating the "
                         "last chunk, like the paper's Fig. 8 (needs a checkpoint with top_k or window routing)")
-    return p.parse_args(argv)
+    wan = p.add_argument_group("Wan2.1 text-to-video (--preset wan2.1-t2v-1.3b, or --ckpt of a train.py Wan run)")
+    wan.add_argument("--preset", default=None, help="wan2.1-t2v-1.3b: Wan2.1's weights from --wan")
+    wan.add_argument("--prompt", default=None, help="what the video shows")
+    wan.add_argument("--negative_prompt", default=rf.WAN_NEGATIVE_PROMPT, help="CFG's unconditional prompt "
+                     "(default: Wan's own, in Chinese)")
+    wan.add_argument("--wan", default=None, help=f"the DiT: any rf.load_wan source (default: {rf.WAN_PARTS_REPO})")
+    wan.add_argument("--text_encoder", default=None, help="umT5 + tokenizer, diffusers layout (default: --wan)")
+    wan.add_argument("--vae", default=None, help="Wan's VAE, diffusers layout (default: --wan)")
+    wan.add_argument("--height", type=int, default=None, help="pixels (default: 8 x frame_size, i.e. 480)")
+    wan.add_argument("--width", type=int, default=None, help="pixels (default: 8 x frame_size, i.e. 832)")
+    wan.add_argument("--offload", action="store_true",
+                     help="run the text encoder on the CPU, so it never takes GPU memory (slower)")
+    add_config_options(p)
+    args, overrides = split_config_options(vars(p.parse_args(argv)))
+    return argparse.Namespace(**args), overrides
 
 
-def load_models(ckpt, use_ema, device):
+def checkpoint_config(meta, overrides, ckpt):
+    """The config saved in a checkpoint, with the routing options given now (they hold no weights)."""
+    clash = {k: v for k, v in overrides.items() if k not in ROUTING_FIELDS and meta["config"].get(k) != v}
+    if clash:
+        sys.exit(f"error: {ckpt} holds its own config; only {', '.join(ROUTING_FIELDS)} may change: {clash}")
+    try:
+        return rf.config_from_dict({**meta["config"], **overrides})
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+def load_models(ckpt, use_ema, device, overrides=None):
     """-> (dit, text_encoder, meta), rebuilt from the checkpoint folder alone."""
     try:
         meta, tensors = rf.load_checkpoint(ckpt)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    cfg = rf.config_from_dict(meta["config"])
+    cfg = checkpoint_config(meta, overrides or {}, ckpt)
     suffix = "_ema" if use_ema else ""
     dit = rf.DiT(cfg)
     text_encoder = rf.CaptionEncoder(len(meta["vocab"]), cfg.text_dim, cfg.text_len)
@@ -141,10 +178,26 @@ def save_routing_plot(log, path, cfg):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, overrides = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
-    dit, text_encoder, meta = load_models(args.ckpt, args.ema, device)
+    meta_file = Path(args.ckpt or "") / "meta.json"
+    meta = json.loads(meta_file.read_text()) if args.ckpt and meta_file.is_file() else None
+    if args.preset is not None and not is_wan(args.preset):
+        sys.exit(f"error: --preset {args.preset!r}: sample.py takes --preset only for Wan (wan2.1-t2v-1.3b); the "
+                 f"toy samples from a --ckpt")
+    if args.preset or (meta and is_wan(meta.get("train", {}).get("preset", ""))):
+        return main_wan(args, overrides, device, meta)
+    if args.prompt is not None:
+        sys.exit("error: --prompt is for Wan (--preset wan2.1-t2v-1.3b); the toy takes --caption")
+    main_toy(args, overrides, device)
+
+
+def main_toy(args, overrides, device):
+    args.ckpt = args.ckpt or "runs/toy/latest"
+    args.num = 4 if args.num is None else args.num
+    args.frames = 24 if args.frames is None else args.frames
+    dit, text_encoder, meta = load_models(args.ckpt, args.ema, device, overrides)
     cfg, fpc = dit.cfg, dit.cfg.frames_per_chunk
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +272,85 @@ def main(argv=None):
     save_contact_sheet(sheet_rows, labels, out / "contact_sheet.png")
     print(f"wrote {out / 'samples.gif'}{', samples.mp4' if wrote_mp4 else ''}, contact_sheet.png "
           f"({args.num} videos x {args.frames} frames, {prefix_frames} prefix frames)")
+
+
+def main_wan(args, overrides, device, meta):
+    """Wan2.1 text-to-video: prompt -> umT5 features -> chunk-by-chunk generation -> VAE, frame by frame -> MP4."""
+    import imageio.v2 as imageio
+    if not args.prompt:
+        sys.exit('error: Wan samples from a prompt: pass --prompt "..."')
+    if args.caption is not None or args.prefix_frames or args.no_cache or args.routing_plot:
+        sys.exit("error: --caption, --prefix_frames, --no_cache and --routing_plot are for the toy")
+    cuda = device.type == "cuda"
+    if meta is not None and args.preset is None:           # a Wan model fine-tuned by train.py
+        cfg = checkpoint_config(meta, overrides, args.ckpt)
+        preset_name, fields = meta["train"]["preset"], rf.config_to_dict(cfg)
+        weights = Path(args.ckpt) / ("dit_ema.safetensors" if args.ema else "dit.safetensors")
+        source = meta["train"].get("wan") or rf.WAN_PARTS_REPO
+        text_source = args.text_encoder or meta["train"].get("text_encoder") or source
+        vae_source = args.vae or meta["train"].get("vae") or source
+        out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "samples"
+    else:
+        preset_name, fields = args.preset, overrides
+        try:
+            cfg = rf.preset(preset_name, **fields)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        weights = source = args.wan or rf.WAN_PARTS_REPO
+        text_source, vae_source = args.text_encoder or source, args.vae or source
+        out = Path(args.out) if args.out else Path("samples")
+    frames, num = args.frames or 81, args.num or 1
+    height, width = args.height or 8 * cfg.frame_size[0], args.width or 8 * cfg.frame_size[1]
+    step = 8 * cfg.patch_size[1]                              # the VAE's 8 x the patch's 2
+    if height % step or width % step:
+        sys.exit(f"error: {height}x{width}: height and width must be multiples of {step} (VAE stride 8 x patch "
+                 f"{cfg.patch_size[1]}), e.g. 480x832 or 240x416")
+    try:
+        num_latent = rf.latent_frames(frames, cfg.frames_per_chunk)
+    except ValueError as e:
+        sys.exit(f"error: --frames {e}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"Wan2.1 text-to-video: {weights}; {frames} frames ({num_latent} latent frames, "
+          f"{num_latent // cfg.frames_per_chunk} chunks) at {height}x{width}; seed {args.seed}, device {device}"
+          + (f"; routing top_k={cfg.top_k} window={cfg.window} sink={cfg.sink}" if cfg.routed else ""))
+
+    def free(*modules):
+        for m in modules:
+            m.to("meta")                                       # drops the weights' memory at once
+        if cuda:
+            torch.cuda.empty_cache()
+
+    try:
+        # 1. the prompts' features; the text encoder is then dropped, so it never shares the GPU with the DiT
+        text_device = "cpu" if args.offload else device
+        tokenizer, encoder = rf.load_wan_text_encoder(text_source, torch.bfloat16 if cuda else torch.float32,
+                                                      text_device)
+        context, _ = rf.encode_prompts(tokenizer, encoder, [args.prompt] * num, cfg.text_len)
+        neg_context, _ = rf.encode_prompts(tokenizer, encoder, [args.negative_prompt], cfg.text_len)
+        free(encoder)
+        # 2. the latents, chunk by chunk (bf16 on CUDA: fp32 islands, bf16 matmuls, as train.py trains)
+        dit = rf.load_wan(weights, torch.bfloat16 if cuda else torch.float32, device, preset_name, **fields).eval()
+        bar = tqdm(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            latents = rf.generate(dit, context.to(device), num_latent, steps=args.steps, shift=args.shift,
+                                  cfg_scale=args.cfg, neg_context=neg_context.to(device),
+                                  size=(height // 8, width // 8), seed=args.seed, progress=lambda i: bar.update())
+        bar.close()
+        free(dit)
+        # 3. pixels: the VAE decodes one latent frame at a time, straight into the file
+        vae = rf.load_wan_vae(vae_source, device)
+        if vae.config.z_dim != cfg.in_dim:
+            sys.exit(f"error: the VAE in {vae_source} has {vae.config.z_dim} latent channels, the DiT {cfg.in_dim}")
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    for i in range(num):
+        path = out / f"wan_seed{args.seed}_{i}.mp4"
+        with imageio.get_writer(path, fps=rf.WAN_FPS, macro_block_size=16) as writer:
+            for pixels in tqdm(rf.vae_decode_chunks(vae, latents[i:i + 1]), total=num_latent,
+                               desc=f"decode {path.name}", dynamic_ncols=True):
+                for frame in to_uint8(pixels)[0]:
+                    writer.append_data(frame)
+        print(f"wrote {path} ({frames} frames, {height}x{width}, {rf.WAN_FPS} fps)")
 
 
 if __name__ == "__main__":
