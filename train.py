@@ -539,6 +539,11 @@ def main(argv=None):
             data = Clips(train.data, train.clip_frames, cfg.frame_size, cfg.text_len, train.seed, train.on_bad_clip)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
+    if train.steps == 0:                                   # e.g. build the Wan cache once, before a torchrun
+        say("--steps 0: the data is ready; nothing to train")
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        return
 
     torch.manual_seed(train.seed)
     if wan and not train.resume:                           # fp32 master weights, trained under bf16 autocast
