@@ -1504,7 +1504,8 @@ def load_wan_vae(source, device="cpu"):
     """diffusers' AutoencoderKLWan from vae/ of a Wan repo in the diffusers layout, frozen, in fp32 (as diffusers
     recommends for this VAE)."""
     diffusers = _need("diffusers")
-    vae = diffusers.AutoencoderKLWan.from_pretrained(wan_part(source, "vae"), torch_dtype=torch.float32)
+    vae = diffusers.AutoencoderKLWan.from_pretrained(wan_part(source, "vae"), torch_dtype=torch.float32,
+                                                     low_cpu_mem_usage=False)    # 0.5 GB: no need for accelerate
     if getattr(vae.config, "patch_size", None):
         raise ValueError(f"the VAE in {source} patchifies its input (Wan2.2's): rf supports Wan2.1's VAE")
     return vae.to(device).eval().requires_grad_(False)

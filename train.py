@@ -529,6 +529,8 @@ def main(argv=None):
     if A < 1 or B % (world * A):
         sys.exit(f"error: --batch_size {B} does not split into {world} process(es) x --grad_accum {A} equal "
                  f"micro-batches: use a multiple of {world * max(A, 1)}")
+    # NOTE(choice): --batch_size is the whole batch of an optimizer step, not a per-GPU batch: the processes and the
+    # micro-batches split it, so the same options train the same model on 1 GPU or 8 (tests/test_ddp.py).
     b = B // (world * A)                                   # clips per micro-batch in each process
     say(f"device {device}; preset {train.preset}; overrides {overrides or 'none'}"
         + (f"; {world} process(es) x {A} micro-batch(es) of {b} clips per step" if world * A > 1 else ""))
