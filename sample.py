@@ -4,6 +4,7 @@ sample.py -- generate videos chunk by chunk from a checkpoint written by train.p
     python sample.py                                   # continue 4 held-out test clips, side by side with truth
     python sample.py --caption "red circle, blue square" --frames 48
     python sample.py --ckpt runs/toy/latest --seed 3 --no-ema
+    python sample.py --ckpt checkpoints/toy_tf --compare checkpoints/toy_rf --frames 32   # shipped: TF | RF, 4x long
     python sample.py --preset wan2.1-t2v-1.3b --prompt "A cat walks on the grass, realistic"     # Wan2.1 text-to-video
     python sample.py --ckpt runs/wan/latest --prompt "..."                 # a Wan model fine-tuned by train.py
 
@@ -36,6 +37,9 @@ def parse_args(argv=None):
     """-> (options, the rf.Config fields given: for --preset, or the routing fields for a checkpoint)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="checkpoint folder written by train.py (default: runs/toy/latest)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
+                   help="toy: also roll out these checkpoints, on the same clips, prefix and seed, side by side "
+                        "(e.g. --ckpt checkpoints/toy_tf --compare checkpoints/toy_rf --frames 32)")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt>/../samples)")
     p.add_argument("--caption", default=None, help='e.g. "red circle, blue square"; default: test-set clips')
     p.add_argument("--num", type=int, default=None, help="number of videos (default: toy 4, Wan 1)")
@@ -107,17 +111,23 @@ def to_uint8(video):
     return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
 
 
-def grid_frames(rows, scale=4, gap=2):
-    """rows: list of (F, H, W, 3) uint8 videos, one row each, side by side in columns of `per_row`.
-    -> (F, H', W', 3): one grid image per frame, upscaled by nearest neighbour so small frames stay crisp."""
+def grid_frames(rows, scale=4, gap=2, titles=None):
+    """rows: list of rows, each a list of (F, H, W, 3) uint8 videos side by side. -> (F, H', W', 3): one grid image
+    per frame, upscaled by nearest neighbour so small frames stay crisp; `titles` (one per column) on a strip above."""
     F_, H, W, _ = rows[0][0].shape
-    cols = len(rows[0])
-    out = np.full((F_, len(rows) * (H * scale + gap) - gap, cols * (W * scale + gap) - gap, 3), 255, np.uint8)
+    cols, top = len(rows[0]), 14 if titles else 0
+    out = np.full((F_, top + len(rows) * (H * scale + gap) - gap, cols * (W * scale + gap) - gap, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, vid in enumerate(row):
             big = vid.repeat(scale, 1).repeat(scale, 2)
-            y, x = r * (H * scale + gap), c * (W * scale + gap)
+            y, x = top + r * (H * scale + gap), c * (W * scale + gap)
             out[:, y:y + H * scale, x:x + W * scale] = big
+    if titles:
+        strip = Image.fromarray(out[0, :top])
+        draw = ImageDraw.Draw(strip)
+        for c, title in enumerate(titles):
+            draw.text((c * (W * scale + gap) + 2, 2), title[:W * scale // 6], fill="black")   # ~6 px per character
+        out[:, :top] = np.asarray(strip)
     return out
 
 
@@ -193,16 +203,25 @@ def main(argv=None):
     main_toy(args, overrides, device)
 
 
+def short_name(ckpt):
+    """A column title for a checkpoint folder: runs/tf/latest -> tf, checkpoints/toy_rf -> toy_rf."""
+    path = Path(ckpt)
+    return path.parent.name if path.name == "latest" or path.name.startswith("step_") else path.name
+
+
 def main_toy(args, overrides, device):
-    args.ckpt = args.ckpt or "runs/toy/latest"
+    ckpts = [args.ckpt or "runs/toy/latest"] + (args.compare or [])
     args.num = 4 if args.num is None else args.num
     args.frames = 24 if args.frames is None else args.frames
-    dit, text_encoder, meta = load_models(args.ckpt, args.ema, device, overrides)
-    cfg, fpc = dit.cfg, dit.cfg.frames_per_chunk
-    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "samples"
+    if args.compare and args.routing_plot:
+        sys.exit("error: --routing_plot draws one checkpoint's routing: drop --compare")
+    models = [load_models(c, args.ema, device, overrides) for c in ckpts]   # (dit, text_encoder, meta) each
+    cfg, fpc = models[0][0].cfg, models[0][0].cfg.frames_per_chunk
+    for ckpt, (dit, _, _) in zip(ckpts[1:], models[1:]):
+        if (dit.cfg.frames_per_chunk, dit.cfg.frame_size, dit.cfg.in_dim) != (fpc, cfg.frame_size, cfg.in_dim):
+            sys.exit(f"error: --compare {ckpt} makes other videos (chunk, frame size or channels) than {ckpts[0]}")
+    out = Path(args.out) if args.out else Path(ckpts[0]).resolve().parent / "samples"
     out.mkdir(parents=True, exist_ok=True)
-    print(f"checkpoint {args.ckpt} (step {meta['step']}, {meta['stage']}), "
-          f"{'EMA' if args.ema else 'online'} weights, seed {args.seed}, device {device}")
 
     prefix_frames = args.prefix_frames if args.prefix_frames is not None else (0 if args.caption else fpc)
     truth = None
@@ -219,10 +238,6 @@ def main_toy(args, overrides, device):
     for name, n in (("--frames", args.frames), ("--prefix_frames", prefix_frames)):
         if n % fpc:
             sys.exit(f"error: {name} {n} is not a multiple of the chunk ({fpc} frames): use {n - n % fpc or fpc}")
-    try:
-        ids = torch.stack([torch.from_numpy(shapes.tokenize(c, cfg.text_len)) for c in captions]).to(device)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
     prefix = truth[:, :prefix_frames].to(device) if prefix_frames else None
     if args.routing_plot and not cfg.routed:
         sys.exit("error: --routing_plot needs a checkpoint with history routing (config top_k or window); "
@@ -230,48 +245,55 @@ def main_toy(args, overrides, device):
     if args.routing_plot and args.no_cache:   # recomputing the whole sequence would count every chunk's queries
         sys.exit("error: --routing_plot counts the last chunk's routing in cached sampling: drop --no_cache")
 
-    with torch.no_grad():
-        context = text_encoder(ids)
-        neg_context = text_encoder(torch.from_numpy(shapes.tokenize("", cfg.text_len))[None].to(device))
-    n_chunks = (args.frames - prefix_frames) // fpc
-    bar = tqdm(total=n_chunks, desc="chunks", dynamic_ncols=True)
+    videos = []
+    for ckpt, (dit, text_encoder, meta) in zip(ckpts, models):
+        print(f"checkpoint {ckpt} (step {meta['step']}, {meta['stage']}, degrade {dit.cfg.degrade}), "
+              f"{'EMA' if args.ema else 'online'} weights, seed {args.seed}, device {device}")
+        try:
+            ids = torch.stack([torch.from_numpy(shapes.tokenize(c, dit.cfg.text_len)) for c in captions]).to(device)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        with torch.no_grad():
+            context = text_encoder(ids)
+            neg_context = text_encoder(torch.from_numpy(shapes.tokenize("", dit.cfg.text_len))[None].to(device))
+        bar = tqdm(total=(args.frames - prefix_frames) // fpc, desc="chunks", dynamic_ncols=True)
 
-    def progress(i):                           # called after chunk i is finished (and written to the cache)
-        bar.update()
-        if args.routing_plot and i < args.frames // fpc - 1:     # count afresh: the last chunk's routing stays
-            dit.routing_log = rf.RoutingLog()
+        def progress(i):                           # called after chunk i is finished (and written to the cache)
+            bar.update()
+            if args.routing_plot and i < args.frames // fpc - 1:     # count afresh: the last chunk's routing stays
+                dit.routing_log = rf.RoutingLog()
 
-    dit.routing_log = rf.RoutingLog() if args.routing_plot else None
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as train.py
-            video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
-                                neg_context=neg_context, prefix=prefix, seed=args.seed,
-                                use_cache=not args.no_cache, progress=progress)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    bar.close()
-    if args.routing_plot:
-        save_routing_plot(dit.routing_log, args.routing_plot, cfg)
-        print(f"wrote {args.routing_plot} (routing sparsity {dit.routing_log.sparsity():.0%} on the last chunk)")
-        dit.routing_log = None
+        dit.routing_log = rf.RoutingLog() if args.routing_plot else None
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as train.py
+                video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift,
+                                    cfg_scale=args.cfg, neg_context=neg_context, prefix=prefix, seed=args.seed,
+                                    use_cache=not args.no_cache, progress=progress)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        bar.close()
+        if args.routing_plot:
+            save_routing_plot(dit.routing_log, args.routing_plot, dit.cfg)
+            print(f"wrote {args.routing_plot} (routing sparsity {dit.routing_log.sparsity():.0%} on the last chunk)")
+            dit.routing_log = None
+        videos.append(to_uint8(video))
 
-    gen = to_uint8(video)
-    if truth is not None:                                 # truth | generated, one row per clip
+    names = [short_name(c) for c in ckpts] if args.compare else ["generated"]
+    columns = [list(v) for v in videos]                   # per checkpoint: its videos, one per clip
+    if truth is not None:                                 # truth | generated (| compared), one row per clip
         tru = to_uint8(truth[:, :args.frames])
-        if tru.shape[1] < gen.shape[1]:                   # past the end of the test clip: blank truth
-            tru = np.concatenate([tru, np.full_like(gen[:, tru.shape[1]:], 255)], axis=1)
-        rows = [[t, g] for t, g in zip(tru, gen)]
-        sheet_rows = [v for t, g in zip(tru, gen) for v in (t, g)]
-        labels = [lab for c in captions for lab in (f"truth: {c}", "generated")]
-    else:
-        rows = [[g] for g in gen]
-        sheet_rows, labels = list(gen), list(captions)
-    frames = grid_frames(rows)
+        if tru.shape[1] < args.frames:                    # past the end of the test clip: blank truth
+            tru = np.concatenate([tru, np.full_like(videos[0][:, tru.shape[1]:], 255)], axis=1)
+        columns, names = [list(tru)] + columns, ["truth"] + names
+    rows = [list(row) for row in zip(*columns)]
+    labels = [f"{name}: {c}" if j == 0 else name for c in captions for j, name in enumerate(names)]
+    frames = grid_frames(rows, titles=names if args.compare else None)
     save_gif(frames, out / "samples.gif", boundary=prefix_frames or None)
     wrote_mp4 = save_mp4(frames, out / "samples.mp4")
-    save_contact_sheet(sheet_rows, labels, out / "contact_sheet.png")
+    save_contact_sheet([v for row in rows for v in row], labels, out / "contact_sheet.png")
     print(f"wrote {out / 'samples.gif'}{', samples.mp4' if wrote_mp4 else ''}, contact_sheet.png "
-          f"({args.num} videos x {args.frames} frames, {prefix_frames} prefix frames)")
+          f"({args.num} videos x {args.frames} frames, {prefix_frames} prefix frames"
+          + (f"; columns: {' | '.join(names)})" if args.compare else ")"))
 
 
 def main_wan(args, overrides, device, meta):

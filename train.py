@@ -410,7 +410,8 @@ def save(out, step, models, emas, opt, gen, cfg, train, keep_last):
     opt_tensors, param_groups = optimizer_tensors(opt)
     groups["train_state"] = opt_tensors | {"rng": gen.get_state()}
     meta = dict(config=rf.config_to_dict(cfg), train=dataclasses.asdict(train), step=step,
-                stage="teacher_forcing" if step < train.warmup_steps else "resampling_forcing",
+                stage=("teacher_forcing" if step < train.warmup_steps or cfg.degrade == "none" else
+                       "resampling_forcing"),
                 vocab=shapes.VOCAB, param_groups=param_groups)
     path = Path(out) / f"step_{step:07d}"
     rf.save_checkpoint(path, groups, meta)

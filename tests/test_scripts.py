@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import rf
@@ -40,6 +42,17 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert [r["mode"] for r in rows] == ["none", "none", "autoregressive", "autoregressive"]
     for f in ("samples.gif", "contact_sheet.png"):
         assert (tmp_path / "samples" / f).stat().st_size > 1000
+
+    # --compare: the same checkpoint twice, same clips and seed -> two identical generated columns next to the truth
+    sample.main(["--ckpt", str(latest), "--compare", str(tmp_path / "step_0000004"), "--frames", "8", "--num", "2",
+                 "--out", str(tmp_path / "cmp")])
+    gif = Image.open(tmp_path / "cmp" / "samples.gif")
+    gif.seek(gif.n_frames - 1)
+    grid = np.asarray(gif.convert("RGB"))[14:]                       # below the title strip
+    side = 4 * 16                                                     # 16x16 frames, upscaled 4x, 2 px gaps
+    truth, a, b = (grid[:side, c * (side + 2):c * (side + 2) + side] for c in range(3))
+    assert grid.shape[1] == 3 * side + 2 * 2
+    assert (a == b).all() and (a != truth).any()
 
 
 def test_sample_from_caption_and_errors(tmp_path, capsys):
