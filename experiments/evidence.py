@@ -207,14 +207,16 @@ def hero_gif(videos, test, path, clips=(0, 1, 2, 3)):
     """Rows: test clips; columns: truth | teacher forcing | Resampling Forcing. A red bar past the training
     length."""
     rows = [[test["frames"][i][:4 * TRAIN_FRAMES]] + [videos[n][i] for n in HERO] for i in clips]
-    sample.save_gif(sample.grid_frames(rows), path, boundary=TRAIN_FRAMES)
+    titles = ["truth", "TF", "RF"]
+    sample.save_gif(sample.grid_frames(rows, titles=titles), path, boundary=TRAIN_FRAMES)
 
 
 def ship(out):
-    """The EMA weights (fp16) + meta of the hero methods -> checkpoints/toy_<name>/, loadable by sample.py."""
+    """The EMA weights + meta of the hero methods -> checkpoints/toy_<name>/, loadable by sample.py. fp32 (5 MB
+    each), so the shipped models make exactly the rollouts scored here."""
     for name in HERO:
         meta, tensors = rf.load_checkpoint(out / name / "latest")
-        groups = {k: {n: v.half() for n, v in tensors[k].items()} for k in ("dit_ema", "text_encoder_ema")}
+        groups = {k: tensors[k] for k in ("dit_ema", "text_encoder_ema")}
         dest = ROOT / "checkpoints" / f"toy_{name}"
         rf.save_checkpoint(dest, groups, {k: meta[k] for k in ("config", "step", "stage", "vocab", "train")})
         print(f"shipped {dest} ({sum(f.stat().st_size for f in dest.iterdir()) / 2**20:.1f} MiB)")
@@ -239,10 +241,16 @@ def main(argv=None):
     per_frames, videos = {}, {}
     for name in args.methods:
         t0 = time.time()
-        videos[name] = rollouts(out / name, test, args, device)
+        saved, meta = out / name / "rollouts.npz", json.loads((out / name / "latest" / "meta.json").read_text())
+        key = np.array([args.clips, args.sample_steps or 0, meta["step"]])   # what the saved rollouts were made with
+        if saved.exists() and np.array_equal(np.load(saved)["key"], key):
+            videos[name] = np.load(saved)["frames"]
+            print(f"{name}: reusing {saved}")
+        else:
+            videos[name] = rollouts(out / name, test, args, device)
+            np.savez_compressed(saved, frames=videos[name], key=key)
+            results["timings_s"][f"eval_{name}"] = time.time() - t0
         per_frames[name] = score(videos[name], test)
-        results["timings_s"][f"eval_{name}"] = time.time() - t0
-        np.savez_compressed(out / name / "rollouts.npz", frames=videos[name])
         print(f"{name}: scored {args.clips} rollouts in {time.time() - t0:.0f}s")
     tables = {n: summarise(pf) for n, pf in per_frames.items()}
     floor = summarise(floor_frames)
