@@ -59,6 +59,8 @@ HERO = ("tf", "ar_s0.6")              # the side-by-side GIF and the shipped che
 
 SCALES = {   # the toy preset everywhere; only the training budget differs
     "cpu": dict(steps=2000, warmup_steps=700, batch_size=8),     # = python train.py; ~1 h for all methods
+    "cpu_long": dict(steps=4000, warmup_steps=700, batch_size=8),  # twice the budget; continues "cpu" runs if
+                                                                    # their folders are copied to --out first
     "gpu": dict(steps=8000, warmup_steps=2000, batch_size=32),
     "smoke": dict(steps=4, warmup_steps=2, batch_size=2),        # the test: does the pipeline run end to end
 }
@@ -154,13 +156,15 @@ def score(videos, test):
     return {m: np.stack([r[m] for r in per_clip]) for m in METRICS}
 
 
-def summarise(per_frame):
-    """{metric: (N, F)} -> {metric: {horizon: (mean, half-width of the 95% CI)}} over clips."""
+def summarise(per_frame, base=None):
+    """{metric: (N, F)} -> {metric: {horizon: (mean, half-width of the 95% CI)}} over clips. With `base` (another
+    method's per_frame): the same for the paired difference per clip, this minus base. Every method rolls out the
+    same clips with the same seeds, so pairing removes the clip-to-clip spread that the unpaired intervals carry."""
     table = {}
     for m, values in per_frame.items():
         table[m] = {}
         for h, (a, b) in HORIZONS.items():
-            per_clip = values[:, a:b].mean(1)
+            per_clip = values[:, a:b].mean(1) - (0 if base is None else base[m][:, a:b].mean(1))
             table[m][h] = (float(per_clip.mean()), float(1.96 * per_clip.std(ddof=1) / np.sqrt(len(per_clip))))
     return table
 
@@ -169,11 +173,12 @@ def summarise(per_frame):
 # reporting
 # ----------------------------------------------------------------------------------------------------------------
 
-def markdown_table(tables, floor):
+def markdown_table(tables, floor=None):
     cols = [(m, h) for m in METRICS for h in HORIZONS]
     head = "| method | " + " | ".join(f"{m.replace('_', ' ')} {h}" for m, h in cols) + " |"
     lines = [head, "|" + "---|" * (len(cols) + 1)]
-    for name, table in [("ground truth (floor)", floor)] + [(METHODS[n][0], t) for n, t in tables.items()]:
+    rows = ([("ground truth (floor)", floor)] if floor else []) + [(METHODS[n][0], t) for n, t in tables.items()]
+    for name, table in rows:
         cells = [f"{table[m][h][0]:.3f} ± {table[m][h][1]:.3f}" for m, h in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -254,9 +259,11 @@ def main(argv=None):
         print(f"{name}: scored {args.clips} rollouts in {time.time() - t0:.0f}s")
     tables = {n: summarise(pf) for n, pf in per_frames.items()}
     floor = summarise(floor_frames)
+    diffs = {n: summarise(pf, per_frames["tf"]) for n, pf in per_frames.items() if n != "tf" and "tf" in per_frames}
 
     results |= dict(scale=args.scale, train=SCALES[args.scale], clips=args.clips, horizons=HORIZONS,
                     floor=floor, methods={n: dict(label=METHODS[n][0], options=METHODS[n][1], table=tables[n],
+                                                   minus_tf=diffs.get(n),
                                                    per_frame_mean={m: pf[m].mean(0).tolist() for m in METRICS})
                                           for n, pf in per_frames.items()},
                     machine=dict(device=torch.cuda.get_device_name() if device.type == "cuda" else
@@ -264,13 +271,17 @@ def main(argv=None):
                                  torch=torch.__version__, threads=torch.get_num_threads()))
     results["timings_s"]["this_invocation"] = time.time() - t_start
     results_path.write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(markdown_table(tables, floor) + "\n")
+    report = markdown_table(tables, floor)
+    if diffs:
+        report += "\n\nPaired difference to teacher forcing (method minus TF, same clips and seeds):\n\n"
+        report += markdown_table(diffs)
+    (out / "results.md").write_text(report + "\n")
     plot(per_frames, floor_frames, out / "metrics.png")
     if all(n in videos for n in HERO):
         hero_gif(videos, test, out / "hero.gif")
     if args.ship:
         ship(out)
-    print(markdown_table(tables, floor))
+    print(report)
     print(f"wrote {out}/results.json, results.md, metrics.png, hero.gif")
 
 
