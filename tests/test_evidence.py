@@ -56,3 +56,15 @@ def test_evidence_refuses_too_few_clips(tmp_path):
     with pytest.raises(SystemExit) as e:
         evidence.main(["--clips", "10", "--out", str(tmp_path)])
     assert "at least 64" in str(e.value)
+
+
+def test_shipped_checkpoints_sample_side_by_side(tmp_path, capsys):
+    """The README's command for the shipped toy models (shortened): both load with today's rf.py and roll out."""
+    import sample
+    tf, rf_ = ROOT / "checkpoints" / "toy_tf", ROOT / "checkpoints" / "toy_ar_s0.6"
+    sample.main(["--ckpt", str(tf), "--compare", str(rf_), "--frames", "4", "--num", "1", "--steps", "2",
+                 "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "degrade none" in printed and "degrade autoregressive" in printed
+    assert "columns: truth | toy_tf | toy_ar_s0.6" in printed
+    assert (tmp_path / "samples.gif").stat().st_size > 0
