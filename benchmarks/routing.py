@@ -5,6 +5,7 @@ attention, top-k routing (k = 1, 3, 5) and a sliding window, measured side by si
     python benchmarks/routing.py                      # toy preset on the CPU (one thread)
     python benchmarks/routing.py --wan                # Wan2.1-1.3B layer size, bf16 (meant for a GPU)
     python benchmarks/routing.py --histories 4 8 --repeats 3 --steps 4
+    python benchmarks/routing.py --wan --fp32 --size 20 36 --no_chunk   # Wan's heads, a smaller frame, on a CPU
 
 attention: one self-attention call of the chunk being generated (its T queries) against Nh cached history chunks
 plus itself, batch 2 (the two CFG branches), routing included (scores, top-k, both branches, merge).
@@ -82,6 +83,7 @@ def main():
     p.add_argument("--steps", type=int, default=None, help="denoising steps per chunk (toy: 16, --wan: 2)")
     p.add_argument("--layers", type=int, default=None, help="DiT depth for the chunk timing (--wan default: 4)")
     p.add_argument("--size", type=int, nargs=2, default=None, help="latent frame size H W (default: the preset's)")
+    p.add_argument("--fp32", action="store_true", help="--wan in fp32 (the CPU's fast dtype) instead of bf16")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier next to other jobs)")
     p.add_argument("--no_chunk", action="store_true", help="attention only")
     p.add_argument("--keep_freed_memory", action="store_true",
@@ -91,7 +93,7 @@ def main():
         keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.wan else torch.float32
+    dtype = torch.bfloat16 if args.wan and not args.fp32 else torch.float32
     cfg = rf.preset("wan2.1-t2v-1.3b" if args.wan else "toy")
     overrides = dict(num_layers=args.layers or (4 if args.wan else cfg.num_layers))
     if args.size:
@@ -142,7 +144,7 @@ def main():
     base = rf.DiT(cfg).to(device).eval()
     H_, W_ = cfg.frame_size
     ctx = torch.randn(2, 8, cfg.text_dim, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.wan)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
     models, caches = {}, {}
     with torch.no_grad(), autocast:
         text_kv = base.encode_text(ctx)
