@@ -1513,7 +1513,8 @@ def load_wan_vae(source, device="cpu"):
 
 def vae_strides(vae):
     """(temporal, spatial) compression of the VAE: (4, 8) for Wan2.1."""
-    return getattr(vae.config, "scale_factor_temporal", None) or 4, getattr(vae.config, "scale_factor_spatial", None) or 8
+    config = vae.config
+    return getattr(config, "scale_factor_temporal", None) or 4, getattr(config, "scale_factor_spatial", None) or 8
 
 
 def latent_frames(frames, frames_per_chunk, temporal=4):
