@@ -118,7 +118,8 @@ def train_all(args, out, timings):
         if not train.checkpoints(run):                       # branch: a copy of the warm-up checkpoint
             run.mkdir(parents=True, exist_ok=True)
             shutil.copytree(warm / f"step_{w:07d}", run / f"step_{w:07d}")
-        print(f"== {name}: {label}, steps {w}..{scale['steps']}")
+        start = int(train.checkpoints(run)[-1].name.split("_")[1])           # step_0000700 -> 700
+        print(f"== {name}: {label}, steps {start}..{scale['steps']}")
         t0 = time.time()
         train.main(options(run, scale["steps"]) + extra)
         timings[name] = time.time() - t0
