@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
                    help="toy: also roll out these checkpoints, on the same clips, prefix and seed, side by side "
                         "(e.g. --ckpt checkpoints/toy_tf --compare checkpoints/toy_rf --frames 32)")
-    p.add_argument("--out", default=None, help="output folder (default: <ckpt>/../samples)")
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt>/../samples; runs/compare with --compare)")
     p.add_argument("--caption", default=None, help='e.g. "red circle, blue square"; default: test-set clips')
     p.add_argument("--num", type=int, default=None, help="number of videos (default: toy 4, Wan 1)")
     p.add_argument("--frames", type=int, default=None,
@@ -220,7 +220,8 @@ def main_toy(args, overrides, device):
     for ckpt, (dit, _, _) in zip(ckpts[1:], models[1:]):
         if (dit.cfg.frames_per_chunk, dit.cfg.frame_size, dit.cfg.in_dim) != (fpc, cfg.frame_size, cfg.in_dim):
             sys.exit(f"error: --compare {ckpt} makes other videos (chunk, frame size or channels) than {ckpts[0]}")
-    out = Path(args.out) if args.out else Path(ckpts[0]).resolve().parent / "samples"
+    out = Path(args.out) if args.out else (Path("runs/compare") if args.compare else
+                                             Path(ckpts[0]).resolve().parent / "samples")
     out.mkdir(parents=True, exist_ok=True)
 
     prefix_frames = args.prefix_frames if args.prefix_frames is not None else (0 if args.caption else fpc)
