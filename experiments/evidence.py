@@ -1,9 +1,10 @@
 """
 experiments/evidence.py -- does Resampling Forcing beat teacher forcing on long rollouts? (issue 5)
 
-    python experiments/evidence.py                  # CPU variant: 8 methods, ~1 h on 2 cores
+    python experiments/evidence.py                  # CPU variant: 8 methods, ~80 min on 2 cores (measured)
     python experiments/evidence.py --scale gpu      # longer training, bigger batch: for one GPU
-    python experiments/evidence.py --only_eval      # re-score the trained runs (e.g. after changing a metric)
+    python experiments/evidence.py --scale cpu_long --methods tf ar_s0.6 --out DIR   # twice the budget (README)
+    python experiments/evidence.py --only_eval      # re-score the trained runs (saved rollouts are reused)
 
 Every method is trained with the same model, data, steps and seed. They all branch from ONE teacher-forcing
 warm-up checkpoint (train.py --resume may change the degradation and routing options), so they differ only in how
