@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import rf
 from tiny_data import shapes
-from train import add_config_options, is_wan, split_config_options
+from train import add_config_options, checkpoint_config, is_wan, split_config_options
 
 ROUTING_FIELDS = ("top_k", "window", "sink")   # model options a checkpoint may be sampled with: they hold no weights
 
@@ -75,24 +75,13 @@ def parse_args(argv=None):
     return argparse.Namespace(**args), overrides
 
 
-def checkpoint_config(meta, overrides, ckpt):
-    """The config saved in a checkpoint, with the routing options given now (they hold no weights)."""
-    clash = {k: v for k, v in overrides.items() if k not in ROUTING_FIELDS and meta["config"].get(k) != v}
-    if clash:
-        sys.exit(f"error: {ckpt} holds its own config; only {', '.join(ROUTING_FIELDS)} may change: {clash}")
-    try:
-        return rf.config_from_dict({**meta["config"], **overrides})
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-
-
 def load_models(ckpt, use_ema, device, overrides=None):
     """-> (dit, text_encoder, meta), rebuilt from the checkpoint folder alone."""
     try:
         meta, tensors = rf.load_checkpoint(ckpt)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    cfg = checkpoint_config(meta, overrides or {}, ckpt)
+    cfg = checkpoint_config(meta["config"], overrides or {}, ROUTING_FIELDS, f"sampling {ckpt}")
     suffix = "_ema" if use_ema else ""
     dit = rf.DiT(cfg)
     text_encoder = rf.CaptionEncoder(len(meta["vocab"]), cfg.text_dim, cfg.text_len)
@@ -306,7 +295,7 @@ def main_wan(args, overrides, device, meta):
         sys.exit("error: --caption, --prefix_frames, --no_cache and --routing_plot are for the toy")
     cuda = device.type == "cuda"
     if meta is not None and args.preset is None:           # a Wan model fine-tuned by train.py
-        cfg = checkpoint_config(meta, overrides, args.ckpt)
+        cfg = checkpoint_config(meta["config"], overrides, ROUTING_FIELDS, f"sampling {args.ckpt}")
         preset_name, fields = meta["train"]["preset"], rf.config_to_dict(cfg)
         weights = Path(args.ckpt) / ("dit_ema.safetensors" if args.ema else "dit.safetensors")
         source = meta["train"].get("wan") or rf.WAN_PARTS_REPO

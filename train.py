@@ -128,11 +128,41 @@ def split_config_options(given):
     return {k: v for k, v in given.items() if k not in config_names}, overrides
 
 
+def checkpoint_config(saved, overrides, allowed, what):
+    """The config a checkpoint saved (a dict), with the options in `allowed` as given now (they hold no weights).
+    Any other option given that differs from the saved value is a one-line error; `what` names the caller."""
+    try:
+        cfg = rf.config_from_dict(saved)                   # JSON lists back to tuples, so they compare as given
+        clash = {k: v for k, v in overrides.items() if k not in allowed and getattr(cfg, k) != v}
+        if clash:
+            sys.exit(f"error: {what} uses the checkpoint's config; only {', '.join(allowed)} may change: {clash}")
+        return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k in allowed})
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # data: an .npz written by tiny_data/shapes.py, or a folder of clips; either way all in memory as uint8
 # ----------------------------------------------------------------------------------------------------------------
 
 VIDEO_SUFFIXES = (".gif", ".mp4", ".webm", ".avi", ".mov", ".mkv")
+
+
+def video_files(folder):
+    """The video files of a --data folder, sorted; a ValueError if there are none."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not files:
+        raise ValueError(f"no video files ({' '.join(VIDEO_SUFFIXES)}) in {folder}: put clips there, each with "
+                         f"a NAME.txt caption")
+    return files
+
+
+def skip_bad_clips(bad, on_bad_clip, say=print):
+    """Name each bad clip ("NAME: why") and leave it out; with --on_bad_clip stop, a ValueError at the first."""
+    for b in bad:
+        if on_bad_clip == "stop":
+            raise ValueError(f"bad clip {b} (pass --on_bad_clip skip to leave such clips out)")
+        say(f"warning: skipping bad clip {b}")
 
 
 def read_clip_folder(folder, clip_frames, frame_size, text_len, on_bad_clip):
@@ -141,12 +171,8 @@ def read_clip_folder(folder, clip_frames, frame_size, text_len, on_bad_clip):
     Every clip is read and checked up front, so a bad one is reported by name before training starts, never in
     the middle of an epoch. on_bad_clip: "skip" (warn and go on) or "stop"."""
     import imageio.v2 as imageio
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-    if not files:
-        raise ValueError(f"no video files ({' '.join(VIDEO_SUFFIXES)}) in {folder}: put clips there, each with "
-                         f"a NAME.txt caption")
     videos, captions, bad = [], [], []
-    for f in files:
+    for f in video_files(folder):
         try:
             frames = np.stack([np.asarray(im)[..., :3] for im in imageio.mimread(f, memtest=False)])
         except Exception as e:                                  # corrupt or truncated: whatever the decoder says
@@ -158,19 +184,17 @@ def read_clip_folder(folder, clip_frames, frame_size, text_len, on_bad_clip):
                    f"{len(frames)} frames, fewer than --clip_frames {clip_frames}" if len(frames) < clip_frames else
                    f"no caption file {caption_file.name}" if not caption_file.is_file() else None)
         if problem is None:
+            caption = caption_file.read_text().strip()
             try:
-                shapes.tokenize(caption_file.read_text().strip(), text_len)
+                shapes.tokenize(caption, text_len)
             except ValueError as e:
                 problem = str(e)
         if problem:
             bad.append(f"{f.name}: {problem}")
             continue
         videos.append(frames)
-        captions.append(caption_file.read_text().strip())
-    for b in bad:
-        if on_bad_clip == "stop":
-            raise ValueError(f"bad clip {b} (pass --on_bad_clip skip to leave such clips out)")
-        print(f"warning: skipping bad clip {b}")
+        captions.append(caption)
+    skip_bad_clips(bad, on_bad_clip)
     if not videos:
         raise ValueError(f"no usable clip in {folder} ({len(bad)} bad)")
     return videos, captions
@@ -305,10 +329,10 @@ def wan_clips(train, cfg, device, rank, world):
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         sys.exit(f"error: cannot write the cache {folder} ({e.strerror}): pass --cache with a writable folder")
-    videos = sorted(p for p in Path(train.data).iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-    if not videos:
-        sys.exit(f"error: no video files ({' '.join(VIDEO_SUFFIXES)}) in {train.data}: put clips there, each with a "
-                 f"NAME.txt caption")
+    try:
+        videos = video_files(train.data)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
     def key(video, caption):
         stat = video.stat()
@@ -367,11 +391,10 @@ def wan_clips(train, cfg, device, rank, world):
                 continue
             entries += [(path, w) for w in range(f.get_slice("latents").get_shape()[0])]
             captions.append(caption)
-    for b in bad:
-        if train.on_bad_clip == "stop":
-            sys.exit(f"error: bad clip {b} (pass --on_bad_clip skip to leave such clips out)")
-        if rank == 0:
-            print(f"warning: skipping bad clip {b}")
+    try:
+        skip_bad_clips(bad, train.on_bad_clip, print if rank == 0 else lambda _: None)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not entries:
         sys.exit(f"error: no usable clip in {train.data} ({len(bad)} bad)")
     if rank == 0:
@@ -505,16 +528,8 @@ def main(argv=None):
             meta, tensors = rf.load_checkpoint(checkpoints(out)[-1])
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
-        cfg = rf.config_from_dict(meta["config"])
         # a later stage may switch history routing on (the paper's last stage: top_k 5) or change the degradation
-        stage = {k: v for k, v in overrides.items() if k in STAGE_FIELDS}
-        clash = {k: v for k, v in overrides.items() if k not in STAGE_FIELDS and getattr(cfg, k) != v}
-        if clash:
-            sys.exit(f"error: --resume uses the checkpoint's config; these options differ from it: {clash}")
-        try:
-            cfg = dataclasses.replace(cfg, **stage)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
+        cfg = checkpoint_config(meta["config"], overrides, STAGE_FIELDS, "--resume")
         # the saved run settings, except those given now (--steps to go further; a new stage may change --data,
         # --clip_frames, --lr, ...; the resumed run is then no longer the uninterrupted one, by choice)
         train = Train(**{**meta["train"], **given, "resume": True})
