@@ -295,6 +295,7 @@ def attention(q, k, v, mask=None, phi=None):
 # Letters: Nh history chunks of T tokens each; P selected (query, chunk) pairs.
 
 MAX_TILE = 256      # most queries per tile in the two-branch history matmul (see history_branch)
+TILE_OVERHEAD = 32  # the fixed cost of a tile, in query rows (measured on a CPU; see tile_size)
 
 
 def chunk_means(k, chunk_tokens):
@@ -418,6 +419,12 @@ def flex_routed_mask(selected, chunk, stream) -> BlockMask:
 def attention_lse(q, k, v):
     """Plain softmax attention that also returns the log-sum-exp of its scaled scores (what a merge needs; SDPA does
     not return it). q: (..., Lq, hd); k, v: (..., Lk, hd) -> o (..., Lq, hd), lse (..., Lq) in fp32."""
+    if q.device.type == "cpu" and not torch.is_grad_enabled() and q.shape[-1] == v.shape[-1]:
+        # sampling on a CPU: SDPA's own fused CPU kernel, which returns the LSE too (its LSE has no gradient,
+        # so only without autograd). The same numbers as below (tests compare), without the (Lq, Lk) scores.
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v)))
+        return o.view(*q.shape[:-1], -1), lse.view(q.shape[:-1])
     s = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()                     # (..., Lq, Lk)
     top = s.amax(-1, keepdim=True).detach()                    # for stability only: the result does not depend on it
     p = s.sub_(top).exp_()                                     # in place: the score matrix is the big tensor here
@@ -457,34 +464,50 @@ def tile_pairs(group, num_groups, tile):
 
 
 def history_branch(q, k, v, selected):
-    """Each query against the history chunks it selected and nothing else. q: (B, nh, Lq, hd); k, v: (B, nh, Nh T,
+    """Each query against the history chunks it selected and nothing else. q: (B, Lq, nh, hd); k, v: (B, Nh T, nh,
     hd); selected: (B, nh, Lq, Nh) -> o (B, nh, Lq, hd), lse (B, nh, Lq); lse = -inf where nothing was selected.
 
     The P selected (query, chunk) pairs are grouped by the key block they read, (b, h, j), and cut into tiles of
-    `tile` queries: each tile is one small dense attention (tile queries x T keys), all tiles in one batched
-    matmul. The tile is about the mean group size, so padding stays below ~2x and scores and compute scale with
-    P, not with Nh. The one O(Nh) step is a head-major copy of the history K/V: a memcpy, no attention."""
-    B, nh, Lq, hd = q.shape
-    Nh = selected.shape[-1]
+    `tile` queries: each tile is one small dense attention (tile queries x T keys), all tiles in one batched call.
+    Scores and compute scale with P, not with Nh."""
+    B, Lq, nh, hd = q.shape
     b, h, j, i = selected.transpose(2, 3).nonzero(as_tuple=True)                      # (P,) each, sorted by (b, h, j)
     if len(i) == 0:
         return q.new_zeros(B, nh, Lq, v.shape[-1], dtype=torch.float), q.new_full((B, nh, Lq), -torch.inf,
                                                                                   dtype=torch.float)
+    Nh = selected.shape[-1]
+    T = k.shape[1] // Nh
     group = (b * nh + h) * Nh + j                                                     # (P,) the key block it reads
-    groups = torch.unique_consecutive(group).numel()
-    tile = min(MAX_TILE, 8 * math.ceil(len(i) / groups / 8))     # ~ mean queries per group, a multiple of 8
+    tile = tile_size(torch.bincount(group))
     pair_tile, slot, tile_group = tile_pairs(group, B * nh * Nh, tile)
-    row, q_row = pair_tile * tile + slot, (b * nh + h) * Lq + i                       # (P,) flat row indices
-    # gathers as index_select on flat rows: several times faster on CPU than advanced indexing of a strided view.
-    # Key blocks are copied as (hd, T), so q @ k^T below is a plain matmul (a transposed operand is ~3x slower).
-    n, T = len(tile_group), k.shape[2] // Nh
-    qt = q.new_zeros(n * tile, hd).index_copy_(0, row, q.reshape(-1, hd).index_select(0, q_row))
-    kt = k.unflatten(2, (Nh, T)).transpose(-1, -2).reshape(B * nh * Nh, -1).index_select(0, tile_group)
-    vt = v.reshape(B * nh * Nh, -1).index_select(0, tile_group)
-    o_t, l_t = attention_lse(qt.view(n, tile, hd), kt.view(n, hd, T).transpose(-1, -2), vt.view(n, T, -1))
-    o, lse = merge_lse_many(o_t.flatten(0, 1).index_select(0, row), l_t.flatten().index_select(0, row), q_row,
-                            B * nh * Lq)
+    n = len(tile_group)
+    row = pair_tile * tile + slot                                                     # (P,) row among the tiles' rows
+    # gathers are index_select on tables of hd-wide rows (several times faster on a CPU than advanced indexing)
+    qt = q.new_zeros(n * tile, hd).index_copy_(0, row, q.reshape(-1, hd).index_select(0, (b * Lq + i) * nh + h))
+    tb, th, tj = tile_group // (nh * Nh), tile_group // Nh % nh, tile_group % Nh      # (n,) each tile's key block
+    key_row = (tj[:, None] * T + torch.arange(T, device=q.device)) * nh + th[:, None]  # (n, T) rows of k[tb]
+    kt, vt = (gather_rows(x, tb, key_row) for x in (k, v))                            # (n, T, hd)
+    o_t, l_t = attention_lse(qt.view(n, tile, hd), kt, vt)
+    o, lse = merge_lse_many(o_t.flatten(0, 1).index_select(0, row), l_t.flatten().index_select(0, row),
+                            (b * nh + h) * Lq + i, B * nh * Lq)
     return o.view(B, nh, Lq, -1), lse.view(B, nh, Lq)
+
+
+def gather_rows(x, tb, rows):
+    """x: (B, L, nh, hd); tb: (n,) sorted batch index; rows: (n, R) rows of x[tb] seen as an (L nh, hd) table ->
+    (n, R, hd). Batch by batch: x[b] is one contiguous table even where x is a slice of the KV cache's buffer."""
+    hd = x.shape[-1]
+    ends = torch.bincount(tb, minlength=x.shape[0]).cumsum(0).tolist()
+    return torch.cat([x[b].reshape(-1, hd).index_select(0, rows[s:e].flatten())
+                      for b, (s, e) in enumerate(zip([0] + ends[:-1], ends))]).view(*rows.shape, hd)
+
+
+def tile_size(count):
+    """Queries per tile for groups of count (G,) queries. Every tile costs its padded rows plus a fixed overhead (the
+    copy of its key block, the call): of the multiples of 16 up to MAX_TILE, take the size with the least total."""
+    size = torch.arange(16, MAX_TILE + 1, 16, device=count.device)                   # (S,) candidates
+    tiles = ((count[:, None] + size - 1) // size).sum(0)                             # (S,) tiles needed at each size
+    return size[(tiles * (size + TILE_OVERHEAD)).argmin()].item()
 
 
 def two_branch_attention(q, k, v, selected, chunk_tokens):
@@ -493,13 +516,12 @@ def two_branch_attention(q, k, v, selected, chunk_tokens):
 
     q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
     T, Lq, Nh = chunk_tokens, q.shape[1], selected.shape[-1]
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                                  # (B, nh, L, hd)
 
     def own_chunks(x):      # the queries are whole chunks at the end of the keys, their own keys at the same places
         return x[:, :, x.shape[2] - Lq:].unflatten(2, (-1, T))                        # (B, nh, Lq / T, T, hd)
 
-    o_own, l_own = attention_lse(own_chunks(q), own_chunks(k), own_chunks(v))
-    o_hist, l_hist = history_branch(q, k[:, :, :Nh * T], v[:, :, :Nh * T], selected)  # (B, nh, Lq, hd / -)
+    o_own, l_own = attention_lse(*(own_chunks(x.transpose(1, 2)) for x in (q, k, v)))
+    o_hist, l_hist = history_branch(q, k[:, :Nh * T], v[:, :Nh * T], selected)        # (B, nh, Lq, hd / -)
     o, _ = merge_lse(o_own.flatten(2, 3), l_own.flatten(2, 3), o_hist, l_hist)        # (B, nh, Lq, hd)
     return o.to(v.dtype).transpose(1, 2)                                              # (B, Lq, nh, hd)
 

@@ -48,8 +48,8 @@ def keep_freed_memory():
     """Ask glibc to keep freed memory mapped (what a caching allocator does), via mallopt."""
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    ok = (libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+    ok = (libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
           and libc.mallopt(M_TOP_PAD, 256 << 20))
     if not ok:
         sys.exit("error: mallopt refused the settings (not glibc?): run without --keep_freed_memory")

@@ -171,6 +171,45 @@ def test_merge_lse_equals_one_softmax_over_the_union():
     assert rel_err(o4.view_as(union), union) <= 1e-5 and rel_err(lse4.view_as(lse), lse) <= 1e-5
 
 
+def test_attention_lse_fused_kernel_equals_the_readable_one():
+    """Without autograd on a CPU, attention_lse runs SDPA's fused kernel; with it, the plain steps. Same numbers,
+    on contiguous tiles and on strided views (the own-chunk branch passes a transposed view)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g) * 2 for n in (6, 10, 10))
+    for args in ((q, k, v), tuple(x.transpose(0, 1) for x in (q, k, v))):
+        readable = rf.attention_lse(*args)                       # grad mode on: the plain steps
+        with torch.no_grad():
+            fused = rf.attention_lse(*args)
+        assert fused[0].shape == readable[0].shape and fused[1].shape == readable[1].shape
+        assert rel_err(fused[0], readable[0]) <= 1e-5 and rel_err(fused[1], readable[1]) <= 1e-5
+    with torch.no_grad():                                        # wrong variant: other keys give another answer
+        assert differs(rf.attention_lse(q, k[:, :, :5], v[:, :, :5])[0], readable[0].transpose(0, 1))
+
+
+@pytest.mark.parametrize("max_tile", [16, 256])
+def test_history_branch_splits_big_groups_into_tiles(monkeypatch, max_tile):
+    """A (batch, head, chunk) group read by more queries than a tile holds is cut into several tiles (MAX_TILE=16
+    with 40 queries); the result is the same as one softmax per query over its selected chunks' keys."""
+    monkeypatch.setattr(rf, "MAX_TILE", max_tile)
+    g = torch.Generator().manual_seed(1)
+    B, Lq, nh, hd, Nh, Tc = 2, 40, 2, 8, 3, 5
+    q, k, v = torch.randn(B, Lq, nh, hd, generator=g), *torch.randn(2, B, Nh * Tc, nh, hd, generator=g)
+    selected = torch.rand(B, nh, Lq, Nh, generator=g) < 0.6
+    selected[0, 0, :, 1] = True                                  # one group read by all 40 queries
+    selected[1, 1, 7] = False                                    # a query with nothing selected
+    chunk = torch.arange(Nh).repeat_interleave(Tc)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+    allowed = selected[..., chunk]                                                    # (B, nh, Lq, Nh Tc)
+    want = torch.einsum("bhqk,bkhd->bhqd", s.masked_fill(~allowed, -torch.inf).softmax(-1).nan_to_num(), v)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            o, lse = rf.history_branch(q, k, v, selected)
+        assert rel_err(o, want) <= 1e-5
+        assert rel_err(lse[allowed.any(-1)], s.masked_fill(~allowed, -torch.inf).logsumexp(-1)[allowed.any(-1)]) <= 1e-5
+        assert (lse[1, 1, 7] == -torch.inf) and (o[1, 1, 7] == 0).all()
+    assert differs(rf.history_branch(q, k, v, selected.roll(1, dims=-1))[0], want)   # other chunks: other answer
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Routed forwards: k >= history equals dense; fast path and flex equal the reference
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,6 +250,9 @@ def test_fast_path_and_flex_equal_the_reference(rule):
         assert rel_err(got, ref) <= 1e-5
     assert rel_err(grads["two_branch"], grads["sdpa"]) <= 1e-5 and torch.isfinite(grads["two_branch"]).all()
     with torch.no_grad():
+        m.attn_backend = "two_branch"          # without autograd the CPU tiles run SDPA's fused kernel
+        for got, ref in zip(forwards(m, x, t, ctx, hist), out["sdpa"]):
+            assert rel_err(got, ref) <= 1e-5
         m.attn_backend = "flex"                # CPU: flex runs unfused; forward only
         for got, ref in zip(forwards(m, x, t, ctx, hist), out["sdpa"]):
             assert rel_err(got, ref) <= 1e-5
