@@ -12,6 +12,7 @@ Wan2.1 benchmark (issue 4), random weights at the full 1.3B size:
 
     python benchmarks/wan.py                # on a GPU (about 50 GB for the training step)
     python benchmarks/wan.py --tiny         # a tiny model on the CPU: checks the script, says nothing about GPUs
+    python benchmarks/wan.py --frames 3 --size 20 36 --skip train sample --repeats 3   # the full 1.3B on a CPU
 """
 
 import argparse
@@ -63,6 +64,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU check of the script)")
     p.add_argument("--frames", type=int, default=21, help="latent frames (21 = 81 video frames)")
+    p.add_argument("--size", type=int, nargs=2, default=None, help="latent frame size H W (default: 60 104 = 480x832)")
     p.add_argument("--chunks", type=int, default=7, help="chunks generated in the sampling benchmark")
     p.add_argument("--steps", type=int, default=32, help="Euler steps per chunk in the sampling benchmark")
     p.add_argument("--repeats", type=int, default=5)
@@ -71,7 +73,8 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32                # bf16 on the GPU; the CPU has no fast bf16
-    cfg = rf.preset("wan2.1-t2v-1.3b", **(TINY if args.tiny else {}))
+    size = {"frame_size": tuple(args.size)} if args.size else {}
+    cfg = rf.preset("wan2.1-t2v-1.3b", **{**(TINY if args.tiny else {}), **size})
     H, W = cfg.frame_size
     name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; {'tiny model' if args.tiny else 'Wan2.1-T2V-1.3B size'}, "
