@@ -467,9 +467,10 @@ def history_branch(q, k, v, selected):
     """Each query against the history chunks it selected and nothing else. q: (B, Lq, nh, hd); k, v: (B, Nh T, nh,
     hd); selected: (B, nh, Lq, Nh) -> o (B, nh, Lq, hd), lse (B, nh, Lq); lse = -inf where nothing was selected.
 
-    The P selected (query, chunk) pairs are grouped by the key block they read, (b, h, j), and cut into tiles of
-    `tile` queries: each tile is one small dense attention (tile queries x T keys), all tiles in one batched call.
-    Scores and compute scale with P, not with Nh."""
+    The P selected (query, chunk) pairs are grouped by the key block they read, (b, h, j), and cut into tiles of at
+    most `tile` queries (tile_size): each tile is one small dense attention, its queries against the T keys of its
+    block, all tiles in one batched call. Scores and compute scale with P, not with Nh; what does grow with Nh is
+    the copy of every block some query chose (per-token routing leaves few unchosen)."""
     B, Lq, nh, hd = q.shape
     b, h, j, i = selected.transpose(2, 3).nonzero(as_tuple=True)                      # (P,) each, sorted by (b, h, j)
     if len(i) == 0:

@@ -16,6 +16,7 @@ and the run computes the same thing however it is split (up to float rounding).
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -574,8 +575,8 @@ def main(argv=None):
     models = {"dit": dit}
     if not wan:                                            # the toy learns its caption encoder; Wan's umT5 is frozen
         models["text_encoder"] = rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len).to(device)
-    emas = {name: rf.DiT(cfg) if name == "dit" else
-            rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len) for name in models}
+    # the EMA starts as a copy of each model (on --resume both are then overwritten from the checkpoint)
+    emas = {name: copy.deepcopy(m).requires_grad_(False).eval() for name, m in models.items()}
     params = [p for m in models.values() for p in m.parameters()]
     say(f"DiT {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters" + ("" if wan else
         f", caption encoder {sum(p.numel() for p in models['text_encoder'].parameters()) / 1e6:.2f}M"))
@@ -593,11 +594,6 @@ def main(argv=None):
             group["lr"], group["weight_decay"] = train.lr, train.weight_decay
         start = meta["step"]
         say(f"resumed from {checkpoints(out)[-1]} at step {start} ({meta['stage']})")
-    else:
-        for name, m in models.items():
-            emas[name].load_state_dict(m.state_dict())
-    for m in emas.values():
-        m.to(device).requires_grad_(False).eval()
     dit.grad_checkpointing = train.grad_checkpointing
     # under torchrun each trained model is wrapped in DDP (which also makes every process start from rank 0's weights)
     wrapped = {name: DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
