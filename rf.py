@@ -495,12 +495,17 @@ def history_branch(q, k, v, selected):
 
 
 def gather_rows(x, tb, rows):
-    """x: (B, L, nh, hd); tb: (n,) sorted batch index; rows: (n, R) rows of x[tb] seen as an (L nh, hd) table ->
-    (n, R, hd). Batch by batch: x[b] is one contiguous table even where x is a slice of the KV cache's buffer."""
-    hd = x.shape[-1]
-    ends = torch.bincount(tb, minlength=x.shape[0]).cumsum(0).tolist()
-    return torch.cat([x[b].reshape(-1, hd).index_select(0, rows[s:e].flatten())
-                      for b, (s, e) in enumerate(zip([0] + ends[:-1], ends))]).view(*rows.shape, hd)
+    """x: (B, L, nh, hd); tb: (n,) batch index; rows: (n, R) rows of x[tb] seen as an (L nh, hd) table -> (n, R, hd).
+
+    One index_select on a view of x's rows, without copying x. Where x is a slice of the KV cache's buffer, batch
+    b's rows start x.stride(0) / hd rows after batch b - 1's (not L nh): the view spans the unused rows between
+    batches too, and the index never points at them."""
+    B, L, nh, hd = x.shape
+    if x.stride()[1:] != (nh * hd, hd, 1) or x.stride(0) % hd:
+        x = x.contiguous()                                     # rows not on that grid (e.g. an expanded tensor)
+    sB = x.stride(0) // hd
+    table = x.as_strided(((B - 1) * sB + L * nh, hd), (hd, 1))
+    return table.index_select(0, (tb[:, None] * sB + rows).flatten()).view(*rows.shape, hd)
 
 
 def tile_size(count):

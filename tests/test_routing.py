@@ -189,11 +189,13 @@ def test_attention_lse_fused_kernel_equals_the_readable_one():
 @pytest.mark.parametrize("max_tile", [16, 256])
 def test_history_branch_splits_big_groups_into_tiles(monkeypatch, max_tile):
     """A (batch, head, chunk) group read by more queries than a tile holds is cut into several tiles (MAX_TILE=16
-    with 40 queries); the result is the same as one softmax per query over its selected chunks' keys."""
+    with 40 queries); the result is the same as one softmax per query over its selected chunks' keys. The keys are
+    slices of bigger buffers, as in cached sampling."""
     monkeypatch.setattr(rf, "MAX_TILE", max_tile)
     g = torch.Generator().manual_seed(1)
     B, Lq, nh, hd, Nh, Tc = 2, 40, 2, 8, 3, 5
-    q, k, v = torch.randn(B, Lq, nh, hd, generator=g), *torch.randn(2, B, Nh * Tc, nh, hd, generator=g)
+    q, k, v = torch.randn(B, Lq, nh, hd, generator=g), *torch.randn(2, B, Nh * Tc + 7, nh, hd, generator=g)
+    k, v = k[:, :Nh * Tc], v[:, :Nh * Tc]                        # slices of bigger buffers, as the KV cache passes
     selected = torch.rand(B, nh, Lq, Nh, generator=g) < 0.6
     selected[0, 0, :, 1] = True                                  # one group read by all 40 queries
     selected[1, 1, 7] = False                                    # a query with nothing selected
