@@ -419,7 +419,8 @@ def flex_routed_mask(selected, chunk, stream) -> BlockMask:
 def attention_lse(q, k, v):
     """Plain softmax attention that also returns the log-sum-exp of its scaled scores (what a merge needs; the public
     SDPA does not return it). q: (..., Lq, hd); k, v: (..., Lk, hd) -> o (..., Lq, hd), lse (..., Lq) in fp32."""
-    if q.device.type == "cpu" and not torch.is_grad_enabled() and q.shape[-1] == v.shape[-1]:
+    fits_fused = q.dtype == k.dtype == v.dtype and q.shape[-1] == v.shape[-1]
+    if q.device.type == "cpu" and not torch.is_grad_enabled() and fits_fused:
         # sampling on a CPU: SDPA's own fused CPU kernel, which returns the LSE too (its LSE has no gradient,
         # so only without autograd). The same numbers as below (tests compare), without the (Lq, Lk) scores.
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
