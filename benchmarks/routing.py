@@ -75,6 +75,25 @@ def table(title, rows, histories, names, unit_ms):
         print(f"{H:>8} " + " ".join(f"{c:>17}" for c in cells))
 
 
+def plot(path, where, T, panels, histories):
+    """Median time against the history length, one panel per table, one line per variant."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, rows, names) in zip(axes[0], panels):
+        for n in names:
+            ax.plot(histories, [statistics.median(rows[H][n]) * 1e3 for H in histories], marker="o", label=n,
+                    linestyle="--" if n == "dense" else "-")
+        ax.set(xlabel="history chunks", ylabel="median ms", title=title, xticks=histories, ylim=(0, None))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"routed vs dense, chunks of {T} tokens; {where}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--wan", action="store_true", help="Wan2.1-1.3B layer size in bf16 (for a GPU)")
@@ -87,6 +106,7 @@ def main():
     p.add_argument("--fp32", action="store_true", help="--wan in fp32 (the CPU's fast dtype) instead of bf16")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: steadier next to other jobs)")
     p.add_argument("--no_chunk", action="store_true", help="attention only")
+    p.add_argument("--plot", default=None, help="also draw the times against the history length into this PNG")
     p.add_argument("--keep_freed_memory", action="store_true",
                    help="CPU: keep freed blocks mapped (glibc mallopt), so big temporaries do not page-fault")
     args = p.parse_args()
@@ -138,6 +158,8 @@ def main():
     table("attention, one layer", att, histories, att_names, 1e3)
 
     if args.no_chunk:
+        if args.plot:
+            plot(args.plot, where, T, [("attention, one layer", att, att_names)], histories)
         return
     # --- one whole generated chunk -------------------------------------------------------------------------------
     max_h = max(histories)
@@ -174,6 +196,11 @@ def main():
                 per_chunk[H][n].append(clock(lambda: one_chunk(n, H), device))
     table(f"one generated chunk ({steps} steps + re-encode, {cfg.num_layers} layers)", per_chunk, histories, names,
           1e3)
+
+    if args.plot:
+        plot(args.plot, where, T, [("attention, one layer", att, att_names),
+                                   (f"one chunk ({steps} steps + re-encode, {cfg.num_layers} layers)", per_chunk,
+                                    names)], histories)
 
     # --- the targets ---------------------------------------------------------------------------------------------
     print()
