@@ -294,6 +294,8 @@ def attention(q, k, v, mask=None, phi=None):
 # they share the path. Routing only narrows the rule's clean_past term; the own chunk is always read.
 # Letters: Nh history chunks of T tokens each; P selected (query, chunk) pairs.
 
+# SDPA's fused CPU kernel, which also returns the LSE (see attention_lse); a private op, so None if a torch lacks it
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 MAX_TILE = 256      # most queries per tile in the two-branch history matmul (see history_branch)
 TILE_OVERHEAD = 32  # the fixed cost of a tile, in query rows (measured on a CPU; see tile_size)
 
@@ -419,12 +421,11 @@ def flex_routed_mask(selected, chunk, stream) -> BlockMask:
 def attention_lse(q, k, v):
     """Plain softmax attention that also returns the log-sum-exp of its scaled scores (what a merge needs; the public
     SDPA does not return it). q: (..., Lq, hd); k, v: (..., Lk, hd) -> o (..., Lq, hd), lse (..., Lq) in fp32."""
-    fits_fused = q.dtype == k.dtype == v.dtype and q.shape[-1] == v.shape[-1]
+    fits_fused = _FUSED_CPU is not None and q.dtype == k.dtype == v.dtype and q.shape[-1] == v.shape[-1]
     if q.device.type == "cpu" and not torch.is_grad_enabled() and fits_fused:
         # sampling on a CPU: SDPA's own fused CPU kernel, which returns the LSE too (its LSE has no gradient,
         # so only without autograd). The same numbers as below (tests compare), without the (Lq, Lk) scores.
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *(x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v)))
+        o, lse = _FUSED_CPU(*(x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v)))
         return o.view(*q.shape[:-1], -1), lse.view(q.shape[:-1])
     s = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()                     # (..., Lq, Lk)
     top = s.amax(-1, keepdim=True).detach()                    # for stability only: the result does not depend on it
