@@ -28,9 +28,7 @@ from tqdm import tqdm
 
 import rf
 from tiny_data import shapes
-from train import add_config_options, checkpoint_config, is_wan, split_config_options
-
-ROUTING_FIELDS = ("top_k", "window", "sink")   # model options a checkpoint may be sampled with: they hold no weights
+from train import ROUTING_FIELDS, add_config_options, checkpoint_config, is_wan, split_config_options
 
 
 def parse_args(argv=None):

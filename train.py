@@ -85,7 +85,8 @@ def is_wan(preset):
 
 # The only model options --resume may change: how the history is degraded and routed in a new stage. They hold no
 # weights, so a run may branch: the evidence experiment trains every method from one shared teacher-forcing warm-up.
-STAGE_FIELDS = ("degrade", "resample_shift", "resample_steps", "noise_aug_max", "top_k", "window", "sink")
+ROUTING_FIELDS = ("top_k", "window", "sink")      # the routing rule: also what sample.py may change
+STAGE_FIELDS = ("degrade", "resample_shift", "resample_steps", "noise_aug_max") + ROUTING_FIELDS
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat average hides progress
 
 
