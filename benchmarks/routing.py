@@ -63,7 +63,8 @@ def set_history(cache, chunks, chunk_tokens, fpc):
     cache.frames = chunks * fpc
 
 
-def table(title, rows, histories, names, unit_ms):
+def table(title, rows, names, histories):
+    """One panel, {history: {variant: [seconds]}}, as a table of median ms and ratios to dense."""
     print(f"\n{title} (median ms; in brackets: ratio to dense at the same history)")
     print(f"{'history':>8} " + " ".join(f"{n:>17}" for n in names))
     for H in histories:
@@ -71,7 +72,7 @@ def table(title, rows, histories, names, unit_ms):
         cells = []
         for n in names:
             m = statistics.median(rows[H][n])
-            cells.append(f"{m * unit_ms:9.2f} ({m / dense:4.2f}x)")
+            cells.append(f"{m * 1e3:9.2f} ({m / dense:4.2f}x)")
         print(f"{H:>8} " + " ".join(f"{c:>17}" for c in cells))
 
 
@@ -93,6 +94,44 @@ def plot(path, where, T, panels, histories):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
+
+
+def chunk_times(cfg, names, histories, steps, repeats, T, device, dtype):
+    """{history: {variant: [seconds]}}: one whole generated chunk of T tokens with the KV cache (`steps` denoising
+    forwards plus the t = 0 re-encode). Each variant's cache is filled once, then cut to each history length."""
+    fpc, max_h = cfg.frames_per_chunk, max(histories)
+    torch.manual_seed(0)
+    base = rf.DiT(cfg).to(device).eval()
+    H_, W_ = cfg.frame_size
+    ctx = torch.randn(2, 8, cfg.text_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    models, caches = {}, {}
+    with torch.no_grad(), autocast:
+        text_kv = base.encode_text(ctx)
+        for n in names:
+            models[n] = rf.DiT(rf.Config(**{**rf.config_to_dict(cfg), **VARIANTS[n]})).to(device).eval()
+            models[n].load_state_dict(base.state_dict())
+            caches[n] = rf.KVCache(models[n], (max_h + 1) * fpc, (H_, W_))
+            for _ in range(max_h):                     # fill with chunks the model itself encoded at t = 0
+                frames = torch.randn(2, fpc, cfg.in_dim, H_, W_, device=device)
+                models[n].forward_chunk(frames, torch.zeros(2, fpc, device=device), text_kv, caches[n], commit=True)
+    x = torch.randn(2, fpc, cfg.in_dim, H_, W_, device=device)
+    ts = [torch.full((2, fpc), s, device=device) for s in torch.linspace(1, 0, steps + 1).tolist()]
+
+    def one_chunk(n, H):
+        set_history(caches[n], H, T, fpc)
+        with torch.no_grad(), autocast:
+            for t in ts:                               # `steps` denoising forwards + the t = 0 re-encode
+                models[n].forward_chunk(x, t, text_kv, caches[n])
+
+    for n in names:                                                                  # warm-up
+        one_chunk(n, histories[0])
+    times = {H: {n: [] for n in names} for H in histories}
+    for _ in range(repeats):
+        for H in histories:
+            for n in names:
+                times[H][n].append(clock(lambda: one_chunk(n, H), device))
+    return times
 
 
 def main():
@@ -134,7 +173,7 @@ def main():
     backends = ["two_branch"] + (["flex"] if device.type == "cuda" else [])
     att_names = names + [f"top5-{b}" for b in backends[1:]]
 
-    # --- attention alone -----------------------------------------------------------------------------------------
+    # --- attention alone, then (unless --no_chunk) whole generated chunks ---------------------------------------
     calls = {(H, n): attention_call(n if "-" not in n else "top5", H, T, nh, hd, device, dtype,
                                     n.split("-")[1] if "-" in n else "two_branch")
              for H in histories for n in att_names}
@@ -156,52 +195,15 @@ def main():
                 for n in att_names:
                     att[H][n].append(clock(calls[(H, n)], device))
     del calls
-    table("attention, one layer", att, histories, att_names, 1e3)
-
-    if args.no_chunk:
-        if args.plot:
-            plot(args.plot, where, T, [("attention, one layer", att, att_names)], histories)
-        return
-    # --- one whole generated chunk -------------------------------------------------------------------------------
-    max_h = max(histories)
-    torch.manual_seed(0)
-    base = rf.DiT(cfg).to(device).eval()
-    H_, W_ = cfg.frame_size
-    ctx = torch.randn(2, 8, cfg.text_dim, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-    models, caches = {}, {}
-    with torch.no_grad(), autocast:
-        text_kv = base.encode_text(ctx)
-        for n in names:
-            models[n] = rf.DiT(rf.Config(**{**rf.config_to_dict(cfg), **VARIANTS[n]})).to(device).eval()
-            models[n].load_state_dict(base.state_dict())
-            caches[n] = rf.KVCache(models[n], (max_h + 1) * fpc, (H_, W_))
-            for _ in range(max_h):                     # fill with chunks the model itself encoded at t = 0
-                frames = torch.randn(2, fpc, cfg.in_dim, H_, W_, device=device)
-                models[n].forward_chunk(frames, torch.zeros(2, fpc, device=device), text_kv, caches[n], commit=True)
-    x = torch.randn(2, fpc, cfg.in_dim, H_, W_, device=device)
-    ts = [torch.full((2, fpc), s, device=device) for s in torch.linspace(1, 0, steps + 1).tolist()]
-
-    def one_chunk(n, H):
-        set_history(caches[n], H, T, fpc)
-        with torch.no_grad(), autocast:
-            for t in ts:                               # `steps` denoising forwards + the t = 0 re-encode
-                models[n].forward_chunk(x, t, text_kv, caches[n])
-
-    for n in names:                                                                  # warm-up
-        one_chunk(n, histories[0])
-    per_chunk = {H: {n: [] for n in names} for H in histories}
-    for _ in range(max(1, args.repeats // 2)):
-        for H in histories:
-            for n in names:
-                per_chunk[H][n].append(clock(lambda: one_chunk(n, H), device))
-    table(f"one generated chunk ({steps} steps + re-encode, {cfg.num_layers} layers)", per_chunk, histories, names,
-          1e3)
-
+    panels = [("attention, one layer", att, att_names)]                 # (title, times, variants)
+    table(*panels[-1], histories)
+    per_chunk = {}
+    if not args.no_chunk:
+        per_chunk = chunk_times(cfg, names, histories, steps, max(1, args.repeats // 2), T, device, dtype)
+        panels.append((f"one generated chunk ({steps} steps + re-encode, {cfg.num_layers} layers)", per_chunk, names))
+        table(*panels[-1], histories)
     if args.plot:
-        plot(args.plot, where, T, [("attention, one layer", att, att_names),
-                                   (f"one chunk ({steps} steps + re-encode, {cfg.num_layers} layers)", per_chunk,
-                                    names)], histories)
+        plot(args.plot, where, T, panels, histories)
 
     # --- the targets ---------------------------------------------------------------------------------------------
     print()
