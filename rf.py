@@ -91,6 +91,14 @@ class Config:
 
     def __post_init__(self):
         self.patch_size, self.frame_size = tuple(self.patch_size), tuple(self.frame_size)  # JSON gives lists
+        for name in ("dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "text_len", "text_dim", "in_dim",
+                     "out_dim", "patch_size", "frames_per_chunk", "frame_size", "resample_steps", "sample_steps"):
+            value = getattr(self, name)
+            if min(value if isinstance(value, tuple) else (value,)) < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        for name in ("resample_shift", "train_shift", "sample_shift"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
             raise ValueError(f"dim={self.dim} must split into num_heads={self.num_heads} heads of even width")
         if self.patch_size[0] != 1:

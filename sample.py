@@ -4,7 +4,7 @@ sample.py -- generate videos chunk by chunk from a checkpoint written by train.p
     python sample.py                                   # continue 4 held-out test clips, side by side with truth
     python sample.py --caption "red circle, blue square" --frames 48
     python sample.py --ckpt runs/toy/latest --seed 3 --no-ema
-    python sample.py --ckpt checkpoints/toy_tf --compare checkpoints/toy_rf --frames 32   # shipped: TF | RF, 4x long
+    python sample.py --ckpt checkpoints/toy_tf --compare checkpoints/toy_ar_s0.6 --frames 32   # shipped: TF | RF
     python sample.py --preset wan2.1-t2v-1.3b --prompt "A cat walks on the grass, realistic"     # Wan2.1 text-to-video
     python sample.py --ckpt runs/wan/latest --prompt "..."                 # a Wan model fine-tuned by train.py
 
@@ -28,7 +28,11 @@ from tqdm import tqdm
 
 import rf
 from tiny_data import shapes
-from train import ROUTING_FIELDS, add_config_options, checkpoint_config, is_wan, split_config_options
+from train import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, ROUTING_FIELDS, add_config_options, check_ranges,
+                   checkpoint_config, is_wan, split_config_options)
+
+SAMPLE_RANGES = dict(num=AT_LEAST_1, frames=AT_LEAST_1, prefix_frames=AT_LEAST_0, steps=AT_LEAST_1, shift=ABOVE_0,
+                     cfg=AT_LEAST_0, height=AT_LEAST_1, width=AT_LEAST_1)
 
 
 def parse_args(argv=None):
@@ -37,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="checkpoint folder written by train.py (default: runs/toy/latest)")
     p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
                    help="toy: also roll out these checkpoints, on the same clips, prefix and seed, side by side "
-                        "(e.g. --ckpt checkpoints/toy_tf --compare checkpoints/toy_rf --frames 32)")
+                        "(e.g. --ckpt checkpoints/toy_tf --compare checkpoints/toy_ar_s0.6 --frames 32)")
     p.add_argument("--out", default=None, help="output folder (default: <ckpt>/../samples; runs/compare with --compare)")
     p.add_argument("--caption", default=None, help='e.g. "red circle, blue square"; default: test-set clips')
     p.add_argument("--num", type=int, default=None, help="number of videos (default: toy 4, Wan 1)")
@@ -176,6 +180,7 @@ def save_routing_plot(log, path, cfg):
 
 def main(argv=None):
     args, overrides = parse_args(argv)
+    check_ranges(args, SAMPLE_RANGES)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     meta_file = Path(args.ckpt or "") / "meta.json"
@@ -191,7 +196,7 @@ def main(argv=None):
 
 
 def short_name(ckpt):
-    """A column title for a checkpoint folder: runs/tf/latest -> tf, checkpoints/toy_rf -> toy_rf."""
+    """A column title for a checkpoint folder: runs/tf/latest -> tf, checkpoints/toy_tf -> toy_tf."""
     path = Path(ckpt)
     return path.parent.name if path.name == "latest" or path.name.startswith("step_") else path.name
 

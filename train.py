@@ -89,6 +89,25 @@ ROUTING_FIELDS = ("top_k", "window", "sink")      # the routing rule: also what 
 STAGE_FIELDS = ("degrade", "resample_shift", "resample_steps", "noise_aug_max") + ROUTING_FIELDS
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)   # log the loss per noise level: a flat average hides progress
 
+# What each numeric option must be, checked before anything is built: a bad value is one line, not a traceback
+# from deep inside (or, worse, a run that silently does nothing).
+AT_LEAST_0, AT_LEAST_1, ABOVE_0 = (lambda x: x >= 0, ">= 0"), (lambda x: x >= 1, ">= 1"), (lambda x: x > 0, "> 0")
+STOP_OR_SKIP = (lambda x: x in ("stop", "skip"), "stop or skip")
+TRAIN_RANGES = dict(steps=AT_LEAST_0, warmup_steps=AT_LEAST_0, batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1,
+                    clip_frames=AT_LEAST_1, lr=ABOVE_0, weight_decay=AT_LEAST_0, grad_clip=ABOVE_0,
+                    ema=(lambda x: 0 <= x < 1, "in [0, 1)"), caption_dropout=(lambda x: 0 <= x <= 1, "in [0, 1]"),
+                    log_every=AT_LEAST_1, ckpt_every=AT_LEAST_1, keep_last=AT_LEAST_1, on_nan=STOP_OR_SKIP,
+                    on_bad_clip=STOP_OR_SKIP)
+
+
+def check_ranges(options, ranges):
+    """Exit with a one-line error at the first option outside its range. options: an object holding the values
+    (None: not given); ranges: {name: (test, what the value must be)}."""
+    for name, (ok, want) in ranges.items():
+        value = getattr(options, name)
+        if value is not None and not ok(value):
+            sys.exit(f"error: --{name} {value!r} must be {want}")
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # command line: argparse generated from the dataclasses, so every field is an option and -h lists them all
@@ -515,9 +534,7 @@ def main(argv=None):
     if train.dry_run:              # builds the model on the meta device only: nothing is allocated or trained
         print(rf.wan_memory_report(rf.preset(train.preset, **overrides)))
         return
-    for flag in ("on_nan", "on_bad_clip"):
-        if getattr(train, flag) not in ("stop", "skip"):
-            sys.exit(f"error: --{flag} {getattr(train, flag)!r}: choose stop or skip")
+    check_ranges(train, TRAIN_RANGES)
     out = Path(train.out)
     check_writable(out)
     rank, world, device = start_processes(train)
@@ -535,6 +552,7 @@ def main(argv=None):
         # the saved run settings, except those given now (--steps to go further; a new stage may change --data,
         # --clip_frames, --lr, ...; the resumed run is then no longer the uninterrupted one, by choice)
         train = Train(**{**meta["train"], **given, "resume": True})
+        check_ranges(train, TRAIN_RANGES)
     else:
         if checkpoints(out):
             sys.exit(f"error: {out} already holds a run: pass --resume to continue it or --out to start a new one")
@@ -544,9 +562,9 @@ def main(argv=None):
             sys.exit(f"error: {e}")
     wan = is_wan(train.preset)
     A, B = train.grad_accum, train.batch_size
-    if A < 1 or B % (world * A):
+    if B % (world * A):
         sys.exit(f"error: --batch_size {B} does not split into {world} process(es) x --grad_accum {A} equal "
-                 f"micro-batches: use a multiple of {world * max(A, 1)}")
+                 f"micro-batches: use a multiple of {world * A}")
     # NOTE(choice): --batch_size is the whole batch of an optimizer step, not a per-GPU batch: the processes and the
     # micro-batches split it, so the same options train the same model on 1 GPU or 8 (tests/test_ddp.py).
     b = B // (world * A)                                   # clips per micro-batch in each process

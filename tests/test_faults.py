@@ -71,6 +71,17 @@ def test_unwritable_output_fails_before_training(tmp_path):
         assert "cannot write" in exit_message(e)
 
 
+def test_out_of_range_options_are_one_line_errors(tmp_path):
+    for flag, value, want in (("--steps", "-3", ">= 0"), ("--batch_size", "0", ">= 1"), ("--grad_accum", "0", ">= 1"),
+                              ("--lr", "-1", "> 0"), ("--ema", "1", "in [0, 1)"), ("--on_nan", "maybe", "stop or skip"),
+                              ("--num_layers", "0", ">= 1")):
+        with pytest.raises(SystemExit) as e:
+            run_train(tmp_path / "r", flag, value)
+        msg = exit_message(e)
+        assert msg.startswith("error:") and flag.lstrip("-") in msg and want in msg and "\n" not in msg, msg
+    assert not list(tmp_path.glob("r/step_*"))                   # refused before any training
+
+
 def test_missing_and_corrupt_data_are_one_line_errors(tmp_path):
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path / "r", "--steps", "1", "--data", str(tmp_path / "nope.npz"))

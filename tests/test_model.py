@@ -442,6 +442,12 @@ def test_config_errors():
         with pytest.raises(ValueError) as e:
             rf.preset("toy", **{**TINY, **bad})
         one_line(e)
+    for bad in (dict(num_layers=0), dict(num_heads=0), dict(frames_per_chunk=0), dict(frame_size=(0, 16)),
+                dict(patch_size=(1, 0, 4)), dict(sample_steps=0), dict(resample_shift=0.0), dict(sample_shift=-1.0)):
+        with pytest.raises(ValueError) as e:                     # sizes, counts and shifts that cannot work
+            rf.preset("toy", **{**TINY, **bad})
+        name = next(iter(bad))
+        assert one_line(e).startswith(f"{name}=") and "must be" in one_line(e)
     with pytest.raises(ValueError) as e:
         rf.preset("no-such-preset")
     assert "toy" in one_line(e)

@@ -67,7 +67,8 @@ def test_sample_from_caption_and_errors(tmp_path, capsys):
     cases = [(["--ckpt", str(tmp_path / "nope")], "no checkpoint at"),
              (["--caption", "purple circle"], "purple"),
              (["--caption", "red circle", "--frames", "5"], "not a multiple of the chunk"),
-             (["--frames", "2000", "--caption", "red circle"], "RoPE table")]
+             (["--frames", "2000", "--caption", "red circle"], "RoPE table"),
+             (["--steps", "-1"], "--steps -1 must be >= 1"), (["--num", "0"], "--num 0 must be >= 1")]
     for argv, expected in cases:
         argv = ["--ckpt", str(tmp_path / "latest"), "--out", str(out)] + argv if argv[0] != "--ckpt" else argv
         with pytest.raises(SystemExit) as e:
