@@ -3,7 +3,7 @@ train.py -- train a causal Wan-style DiT with Resampling Forcing.
 
     python train.py                      # toy preset on tiny_data/, CPU or one GPU, a few minutes
     python train.py --steps 3000 --out runs/long
-    python train.py --resume             # continue the run in --out from its latest checkpoint
+    python train.py --resume             # continue the run in --out from its latest checkpoint (after Ctrl-C too)
     python train.py -h                   # every option; model options override the preset
     python train.py --preset wan2.1-t2v-1.3b --data DIR          # fine-tune Wan2.1 on DIR's videos (+ .txt captions)
     torchrun --nproc_per_node=8 train.py --preset wan2.1-t2v-1.3b --data DIR --batch_size 64 --grad_accum 8
@@ -12,6 +12,8 @@ The loop: teacher-forcing warm-up for --warmup_steps (history = ground truth), t
 self-degraded by the model, `--degrade`). Everything that is the method lives in rf.training_loss.
 --batch_size is the whole batch of one optimizer step: torchrun's processes and --grad_accum micro-batches share it,
 and the run computes the same thing however it is split (up to float rounding).
+Ctrl-C (or SIGTERM, e.g. a cluster's time limit) finishes the step, saves a checkpoint and exits; --resume goes on
+from there exactly. A second Ctrl-C stops at once.
 """
 
 import argparse
@@ -21,7 +23,9 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -468,6 +472,51 @@ def save(out, step, models, emas, opt, gen, cfg, train, keep_last):
     return path
 
 
+class Stopped(SystemExit):
+    """The run stopped on Ctrl-C or SIGTERM after saving a checkpoint. Uncaught, it exits with its message."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside: the first Ctrl-C or SIGTERM only sets flag["stop"], so the loop can finish its step and save;
+    a second one acts as usual (the handler puts the previous one back). Outside the main thread: no handlers."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = {}
+
+    def request(signum, frame):
+        flag["stop"] = True
+        signal.signal(signum, previous[signum])
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, request)
+    try:
+        yield flag
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def any_process(flag, world, device):
+    """True on every process if it is True on any (so all of them stop at the same step)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def write_log(out, rows):
+    """Append the logged rows to out/log.jsonl. Called at every checkpoint, so the log and the checkpoints agree: a
+    run killed between two checkpoints resumes from the last one and logs the lost steps once, not twice."""
+    with open(Path(out) / "log.jsonl", "a") as f:
+        for step, mode, means in rows:
+            f.write(json.dumps(dict(step=step, mode=mode, bucket_loss=means)) + "\n")
+    rows.clear()
+
+
 def check_writable(out):
     out = Path(out)
     try:
@@ -628,87 +677,94 @@ def main(argv=None):
     last_ckpt = checkpoints(out)[-1] if checkpoints(out) else None
     mine = slice(rank * A * b, (rank + 1) * A * b)         # this process's rows of each batch
     t0 = time.time()
-    for step in bar:
-        # --- the method: pick the history, one loss -----------------------------------------------------------
-        mode = "none" if step < train.warmup_steps else cfg.degrade           # teacher-forcing warm-up first
-        clip, cond = data.batch(step, B, gen, train.caption_dropout, rows=mine)
-        opt.zero_grad(set_to_none=True)
-        before = gen.get_state()
-        losses, chunk_losses, chunk_ts = [], [], []
-        for a in range(A):                         # micro-batches: gradients add up, one optimizer step below
-            rows = slice(mine.start + a * b, mine.start + (a + 1) * b)
-            gen.set_state(before)                  # each piece draws the whole batch's randomness, keeps its rows
-            last = a == A - 1                      # DDP averages the gradients across processes after the last
-            with contextlib.ExitStack() as no_sync:
-                if world > 1 and not last:
-                    for m in wrapped.values():
-                        no_sync.enter_context(m.no_sync())
-                with autocast:
-                    x, c = clip[a * b:(a + 1) * b].to(device), cond[a * b:(a + 1) * b].to(device)
-                    context = c if caption_encoder is None else caption_encoder(c)
-                    loss, chunk_loss, chunk_t = rf.training_loss(wrapped["dit"], x, context, mode=mode,
-                                                                 generator=rf.BatchSlice(gen, B, rows))
-                # backward even on a non-finite loss: under torchrun every process must join the gradient averaging
-                (loss / A).backward()
-            losses.append(loss.detach())
-            chunk_losses.append(chunk_loss)
-            chunk_ts.append(chunk_t)
-        # ---------------------------------------------------------------------------------------------------------
-        losses = gather(torch.stack(losses), world)                           # every micro-batch's loss
-        chunk_loss = gather(torch.cat(chunk_losses), world)                   # (B, N), the whole batch
-        chunk_t = gather(torch.cat(chunk_ts), world)
-        fault = None                          # a NaN or inf is caught at the step it happens, before opt.step
-        if not torch.isfinite(losses).all():
-            fault = f"non-finite loss {losses[~torch.isfinite(losses)][0].item()}"
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)   # the same in every process
-            if not torch.isfinite(grad_norm):
-                fault = f"non-finite gradient (loss {losses.mean().item():.4f})"
-        if fault:
-            chunk_means = [round(x, 4) for x in chunk_loss.mean(0).tolist()]
-            report = (f"{fault} at step {step + 1} ({mode}); per-chunk losses {chunk_means}; "
-                      f"last good checkpoint: {last_ckpt or 'none'}")
-            if train.on_nan == "stop":
-                sys.exit(f"error: {report}. Resume from it with a lower --lr, or pass --on_nan skip")
-            if rank == 0:
-                tqdm.write(f"warning: skipped the update: {report}")
-        else:
-            opt.step()
-            with torch.no_grad():
-                decay = min(train.ema, (1 + step) / (10 + step))
-                for name, m in models.items():
-                    for pe, p in zip(emas[name].parameters(), m.parameters()):
-                        pe.lerp_(p, 1 - decay)
-            bucket = torch.bucketize(chunk_t.flatten().cpu(), torch.tensor(T_BUCKETS[1:-1]))
-            sums.index_add_(0, bucket, chunk_loss.flatten().float().cpu())
-            counts.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float))
-        bar.set_postfix(loss=f"{losses.mean().item():.4f}", stage="TF" if mode == "none" else "RF")
-        if (step + 1) % train.log_every == 0 or step + 1 == train.steps:
-            means = [s / c if c else None for s, c in zip(sums.tolist(), counts.tolist())]   # None: no chunk there
-            log.append((step + 1, mode, means))
-            buckets = " ".join(f"t<{hi:.2f}:" + (f"{m:.4f}" if m is not None else "  -   ")
-                               for hi, m in zip(T_BUCKETS[1:], means))
-            if rank == 0:
-                tqdm.write(f"step {step + 1:6d} | {'teacher forcing' if mode == 'none' else 'resampling ' + mode:<26}"
-                           f" | loss {sums.sum() / counts.sum().clamp(min=1):.4f} | {buckets} | {time.time() - t0:.0f}s")
-            sums.zero_()
-            counts.zero_()
-        if rank == 0 and ((step + 1) % train.ckpt_every == 0 or step + 1 == train.steps):
-            try:
-                last_ckpt = save(out, step + 1, models, emas, opt, gen, cfg, train, train.keep_last)
-            except OSError as e:
-                sys.exit(f"error: could not write the step {step + 1} checkpoint in {out} ({e.strerror or e}); "
-                         f"the last complete one is {last_ckpt or 'none'}: free disk space and --resume")
+    stopping = False
+    with stop_requests() as stop:                          # Ctrl-C: finish the step, save, exit
+        for step in bar:
+            # --- the method: pick the history, one loss -----------------------------------------------------------
+            mode = "none" if step < train.warmup_steps else cfg.degrade           # teacher-forcing warm-up first
+            clip, cond = data.batch(step, B, gen, train.caption_dropout, rows=mine)
+            opt.zero_grad(set_to_none=True)
+            before = gen.get_state()
+            losses, chunk_losses, chunk_ts = [], [], []
+            for a in range(A):                         # micro-batches: gradients add up, one optimizer step below
+                rows = slice(mine.start + a * b, mine.start + (a + 1) * b)
+                gen.set_state(before)                  # each piece draws the whole batch's randomness, keeps its rows
+                last = a == A - 1                      # DDP averages the gradients across processes after the last
+                with contextlib.ExitStack() as no_sync:
+                    if world > 1 and not last:
+                        for m in wrapped.values():
+                            no_sync.enter_context(m.no_sync())
+                    with autocast:
+                        x, c = clip[a * b:(a + 1) * b].to(device), cond[a * b:(a + 1) * b].to(device)
+                        context = c if caption_encoder is None else caption_encoder(c)
+                        loss, chunk_loss, chunk_t = rf.training_loss(wrapped["dit"], x, context, mode=mode,
+                                                                     generator=rf.BatchSlice(gen, B, rows))
+                    # backward even on a non-finite loss: under torchrun every process must join the gradient averaging
+                    (loss / A).backward()
+                losses.append(loss.detach())
+                chunk_losses.append(chunk_loss)
+                chunk_ts.append(chunk_t)
+            # ---------------------------------------------------------------------------------------------------------
+            losses = gather(torch.stack(losses), world)                           # every micro-batch's loss
+            chunk_loss = gather(torch.cat(chunk_losses), world)                   # (B, N), the whole batch
+            chunk_t = gather(torch.cat(chunk_ts), world)
+            fault = None                          # a NaN or inf is caught at the step it happens, before opt.step
+            if not torch.isfinite(losses).all():
+                fault = f"non-finite loss {losses[~torch.isfinite(losses)][0].item()}"
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)   # the same in every process
+                if not torch.isfinite(grad_norm):
+                    fault = f"non-finite gradient (loss {losses.mean().item():.4f})"
+            if fault:
+                chunk_means = [round(x, 4) for x in chunk_loss.mean(0).tolist()]
+                report = (f"{fault} at step {step + 1} ({mode}); per-chunk losses {chunk_means}; "
+                          f"last good checkpoint: {last_ckpt or 'none'}")
+                if train.on_nan == "stop":
+                    sys.exit(f"error: {report}. Resume from it with a lower --lr, or pass --on_nan skip")
+                if rank == 0:
+                    tqdm.write(f"warning: skipped the update: {report}")
+            else:
+                opt.step()
+                with torch.no_grad():
+                    decay = min(train.ema, (1 + step) / (10 + step))
+                    for name, m in models.items():
+                        for pe, p in zip(emas[name].parameters(), m.parameters()):
+                            pe.lerp_(p, 1 - decay)
+                bucket = torch.bucketize(chunk_t.flatten().cpu(), torch.tensor(T_BUCKETS[1:-1]))
+                sums.index_add_(0, bucket, chunk_loss.flatten().float().cpu())
+                counts.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float))
+            bar.set_postfix(loss=f"{losses.mean().item():.4f}", stage="TF" if mode == "none" else "RF")
+            if (step + 1) % train.log_every == 0 or step + 1 == train.steps:
+                means = [s / c if c else None for s, c in zip(sums.tolist(), counts.tolist())]   # None: no chunk there
+                log.append((step + 1, mode, means))
+                buckets = " ".join(f"t<{hi:.2f}:" + (f"{m:.4f}" if m is not None else "  -   ")
+                                   for hi, m in zip(T_BUCKETS[1:], means))
+                stage = "teacher forcing" if mode == "none" else "resampling " + mode
+                if rank == 0:
+                    tqdm.write(f"step {step + 1:6d} | {stage:<26} | loss {sums.sum() / counts.sum().clamp(min=1):.4f} "
+                               f"| {buckets} | {time.time() - t0:.0f}s")
+                sums.zero_()
+                counts.zero_()
+            stopping = any_process(stop["stop"], world, device)
+            if rank == 0 and ((step + 1) % train.ckpt_every == 0 or step + 1 == train.steps or stopping):
+                try:
+                    last_ckpt = save(out, step + 1, models, emas, opt, gen, cfg, train, train.keep_last)
+                except OSError as e:
+                    sys.exit(f"error: could not write the step {step + 1} checkpoint in {out} ({e.strerror or e}); "
+                             f"the last complete one is {last_ckpt or 'none'}: free disk space and --resume")
+                write_log(out, log)
+            if stopping:
+                break
     bar.close()
     if world > 1:
         torch.distributed.destroy_process_group()
+    if stopping:
+        raise Stopped(f"stopped at step {step + 1}, saved in {last_ckpt}: go on with python train.py --out {out} "
+                      f"--resume" if rank == 0 else 1)
 
     if rank != 0 or last_ckpt is None:
         return
     latest = out / "latest"
-    with open(out / "log.jsonl", "a") as f:
-        for row in log:
-            f.write(json.dumps(dict(step=row[0], mode=row[1], bucket_loss=row[2])) + "\n")
     plot_losses(out, train.warmup_steps)
     print(f"checkpoint: {latest} -> {last_ckpt.name}")
     if train.sample:

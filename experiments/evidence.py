@@ -94,6 +94,14 @@ def finished(run, steps):
     return any(p.name == f"step_{steps:07d}" for p in train.checkpoints(run))
 
 
+def run_train(argv):
+    """train.main; on Ctrl-C it saves and stops, and then the way on is to rerun this script, not train.py."""
+    try:
+        train.main(argv)
+    except train.Stopped:
+        sys.exit("stopped; the steps done are saved: rerun the same experiments/evidence.py command to go on")
+
+
 def train_all(args, out, timings):
     scale = SCALES[args.scale]
     w = scale["warmup_steps"]
@@ -108,7 +116,7 @@ def train_all(args, out, timings):
     if not finished(warm, w):
         print(f"== shared teacher-forcing warm-up: {w} steps")
         t0 = time.time()
-        train.main(options(warm, w))
+        run_train(options(warm, w))
         timings["warmup"] = time.time() - t0
     for name in args.methods:
         label, extra = METHODS[name]
@@ -122,7 +130,7 @@ def train_all(args, out, timings):
         start = int(train.checkpoints(run)[-1].name.split("_")[1])           # step_0000700 -> 700
         print(f"== {name}: {label}, steps {start}..{scale['steps']}")
         t0 = time.time()
-        train.main(options(run, scale["steps"]) + extra)
+        run_train(options(run, scale["steps"]) + extra)
         timings[name] = time.time() - t0
 
 

@@ -1,5 +1,6 @@
 """Fault injection: a save killed mid-write, unwritable output, corrupt data, NaN with --on_nan skip."""
 
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,31 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     run_train(tmp_path, "--steps", "4", "--ckpt_every", "2", "--resume", "--no-sample")
     assert [p.name for p in train.checkpoints(tmp_path)] == ["step_0000002", "step_0000004"]
     assert not (tmp_path / "step_0000004.tmp").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, sig):
+    """Ctrl-C (SIGINT) or SIGTERM mid-run: the step finishes and is saved, the log holds exactly the saved steps,
+    the exit says how to go on, and --resume continues the log without repeating or skipping a step."""
+    argv = [sys.executable, "-u", "train.py", *TINY, "--out", str(tmp_path), "--steps", "100000",
+            "--ckpt_every", "100000", "--no-sample"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert any(line.startswith("step      3 ") for line in proc.stdout), "the run never reached step 3"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "--resume" in err.splitlines()[-1], err[-500:]
+    (ckpt,) = train.checkpoints(tmp_path)                        # saved although no checkpoint was due
+    step = rf.load_checkpoint(ckpt)[0]["step"]
+    assert 3 <= step < 100000
+
+    def logged():
+        return [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
+    assert logged() == list(range(1, step + 1))
+    run_train(tmp_path, "--steps", str(step + 2), "--resume", "--no-sample")
+    assert logged() == list(range(1, step + 3))
 
 
 def test_keep_last_n(tmp_path):
