@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -143,7 +144,7 @@ def rollouts(run, test, args, device):
     dit, text_encoder, _ = sample.load_models(str(run / "latest"), True, device)
     cfg = dit.cfg
     videos = []
-    for i in range(0, args.clips, args.batch):
+    for i in tqdm(range(0, args.clips, args.batch), desc=f"rollouts {run.name}", unit="batch", dynamic_ncols=True):
         j = min(i + args.batch, args.clips)
         truth = torch.from_numpy(test["frames"][i:j]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
         ids = torch.stack([torch.from_numpy(shapes.tokenize(c, cfg.text_len)) for c in test["captions"][i:j]])
