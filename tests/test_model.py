@@ -684,6 +684,29 @@ def test_flex_backend_equals_sdpa():
     assert differs(model(x, t, ctx, history=hist + 1.0)[:, FPC:], ts[:, FPC:])
 
 
+def test_compiled_block_masks_equal_eager(monkeypatch):
+    """On CUDA the flex masks are built by torch.compile(create_block_mask): eager, it materialises the whole
+    (L, L) grid (some 40 GB at Wan's training length). Compiled here on the CPU, both of our mask_mods (the rule's
+    two-stream layout, and routing) must give the same blocks as eager. Inputs span several 128-token blocks."""
+    def blocks(m):
+        return [getattr(m, k) for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
+
+    frames, tokens = 12, 40                                        # 2 streams x 12 frames x 40 = 960 tokens
+    chunk = torch.arange(frames) // FPC
+    chunk, stream = torch.cat([chunk, chunk]), torch.tensor([rf.HISTORY] * frames + [rf.NOISY] * frames)
+    chunk, stream = chunk.repeat_interleave(tokens), stream.repeat_interleave(tokens)
+    selected = torch.rand(1, 2, len(chunk), frames // FPC, generator=torch.Generator().manual_seed(0)) < 0.3
+    selected[:, 0] = False                                         # head 0 routes to no history chunk at all
+    build = lambda: (rf.flex_block_mask.__wrapped__(tuple(chunk.tolist()), tuple(stream.tolist()), "cpu"),  # noqa
+                     rf.flex_routed_mask(selected, chunk, stream))
+    eager = build()
+    monkeypatch.setattr(rf, "create_block_mask", torch.compile(rf.create_block_mask))
+    for want, got in zip(eager, build()):
+        assert all(torch.equal(a, b) for a, b in zip(blocks(want), blocks(got)))
+    routed = eager[1].kv_num_blocks + eager[1].full_kv_num_blocks                          # (1, 2, query blocks)
+    assert (routed[0, 0] <= routed[0, 1]).all() and (routed[0, 0] < routed[0, 1]).any()  # per head, as selected
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 12. The 1.3B layout, on the meta device
 # ----------------------------------------------------------------------------------------------------------------
