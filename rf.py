@@ -280,7 +280,7 @@ def compiled(fn, **options):
 
 def block_mask(mask_mod, B, H, Lq, Lk, device: str) -> BlockMask:
     """create_block_mask, compiled on CUDA. Eager, it evaluates mask_mod on the whole (Lq, Lk) grid at once: 6.2 GB
-    at 25k tokens (measured on a CPU), so some 40 GB at the 65k tokens of Wan's two-stream training forward.
+    at 25k tokens (measured on a CPU), so some 35 GB at the 61k tokens of Wan's two-stream training forward.
     Compiled, mask_mod is fused into the per-block reduction (0.4 GB there), and the blocks come out the same."""
     return (compiled(create_block_mask) if device.startswith("cuda") else create_block_mask)(
         mask_mod, B, H, Lq, Lk, device=device)

@@ -686,7 +686,7 @@ def test_flex_backend_equals_sdpa():
 
 def test_compiled_block_masks_equal_eager(monkeypatch):
     """On CUDA the flex masks are built by torch.compile(create_block_mask): eager, it materialises the whole
-    (L, L) grid (some 40 GB at Wan's training length). Compiled here on the CPU, both of our mask_mods (the rule's
+    (L, L) grid (some 35 GB at Wan's training length). Compiled here on the CPU, both of our mask_mods (the rule's
     two-stream layout, and routing) must give the same blocks as eager. Inputs span several 128-token blocks."""
     def blocks(m):
         return [getattr(m, k) for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
