@@ -286,7 +286,6 @@ def block_mask(mask_mod, B, H, Lq, Lk, device: str) -> BlockMask:
         mask_mod, B, H, Lq, Lk, device=device)
 
 
-
 def attention(q, k, v, mask=None, phi=None):
     """Softmax attention with scale 1/sqrt(hd). q: (B, Lq, nh, hd), k, v: (B, Lk, nh, hd) -> (B, Lq, nh, hd).
 

@@ -697,8 +697,11 @@ def test_compiled_block_masks_equal_eager(monkeypatch):
     chunk, stream = chunk.repeat_interleave(tokens), stream.repeat_interleave(tokens)
     selected = torch.rand(1, 2, len(chunk), frames // FPC, generator=torch.Generator().manual_seed(0)) < 0.3
     selected[:, 0] = False                                         # head 0 routes to no history chunk at all
-    build = lambda: (rf.flex_block_mask.__wrapped__(tuple(chunk.tolist()), tuple(stream.tolist()), "cpu"),  # noqa
-                     rf.flex_routed_mask(selected, chunk, stream))
+
+    def build():                                                   # __wrapped__: past flex_block_mask's cache
+        return (rf.flex_block_mask.__wrapped__(tuple(chunk.tolist()), tuple(stream.tolist()), "cpu"),
+                rf.flex_routed_mask(selected, chunk, stream))
+
     eager = build()
     monkeypatch.setattr(rf, "create_block_mask", torch.compile(rf.create_block_mask))
     for want, got in zip(eager, build()):
