@@ -1146,7 +1146,8 @@ def load_checkpoint(path):
     path = Path(path)
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}/meta.json): pass a folder written by "
-                                f"train.py, e.g. runs/toy/latest")
+                                f"train.py (e.g. runs/toy/latest after python train.py) or a shipped one "
+                                f"(checkpoints/toy_tf, checkpoints/toy_ar_s0.6)")
     try:
         meta = json.loads((path / "meta.json").read_text())
         tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
