@@ -314,6 +314,7 @@ def attention(q, k, v, mask=None, phi=None):
 _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 MAX_TILE = 256      # most queries per tile in the two-branch history matmul (see history_branch)
 TILE_OVERHEAD = 32  # the fixed cost of a tile, in query rows (measured on a CPU; see tile_size)
+SLAB_SCORES = 2**26  # most attention scores a two-branch call holds at once (256 MB in fp32; see in_slabs)
 
 
 def chunk_means(k, chunk_tokens):
@@ -505,11 +506,28 @@ def history_branch(q, k, v, selected):
     qt = q.new_zeros(n * tile, hd).index_copy_(0, row, q.reshape(-1, hd).index_select(0, (b * Lq + i) * nh + h))
     tb, th, tj = tile_group // (nh * Nh), tile_group // Nh % nh, tile_group % Nh      # (n,) each tile's key block
     key_row = (tj[:, None] * T + torch.arange(T, device=q.device)) * nh + th[:, None]  # (n, T) rows of k[tb]
-    kt, vt = (gather_rows(x, tb, key_row) for x in (k, v))                            # (n, T, hd)
-    o_t, l_t = attention_lse(qt.view(n, tile, hd), kt, vt)
+
+    def tiles(qt, tb, key_row):                 # some tiles' queries against their blocks' keys, gathered here
+        return attention_lse(qt, gather_rows(k, tb, key_row), gather_rows(v, tb, key_row))
+
+    o_t, l_t = in_slabs(tiles, SLAB_SCORES // (tile * T), qt.view(n, tile, hd), tb, key_row)  # (n, tile, hd / -)
     o, lse = merge_lse_many(o_t.flatten(0, 1).index_select(0, row), l_t.flatten().index_select(0, row),
                             (b * nh + h) * Lq + i, B * nh * Lq)
     return o.view(B, nh, Lq, -1), lse.view(B, nh, Lq)
+
+
+def in_slabs(fn, per_slab, *xs):
+    """fn(*xs), run on slabs of per_slab rows of every x (dim 0) and concatenated, so that its temporaries (the
+    attention scores) stay bounded: at Wan's size all of them at once would take tens of GB per layer. With
+    autograd each slab is checkpointed: backward recomputes its scores one slab at a time instead of keeping all."""
+    n, per_slab = len(xs[0]), max(1, per_slab)
+    if n <= per_slab:
+        return fn(*xs)
+    parts = []
+    for lo in range(0, n, per_slab):
+        slab = [x[lo:lo + per_slab] for x in xs]
+        parts.append(checkpoint(fn, *slab, use_reentrant=False) if torch.is_grad_enabled() else fn(*slab))
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
 
 def gather_rows(x, tb, rows):
@@ -539,14 +557,14 @@ def two_branch_attention(q, k, v, selected, chunk_tokens):
     query against its selected chunks only), merged through their log-sum-exp. Pure PyTorch, any device.
 
     q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
-    T, Lq, Nh = chunk_tokens, q.shape[1], selected.shape[-1]
+    T, (B, Lq, nh, _), Nh = chunk_tokens, q.shape, selected.shape[-1]
 
     def own_chunks(x):      # the queries are whole chunks at the end of the keys, their own keys at the same places
-        return x[:, :, x.shape[2] - Lq:].unflatten(2, (-1, T))                        # (B, nh, Lq / T, T, hd)
+        return x.transpose(1, 2)[:, :, x.shape[1] - Lq:].reshape(-1, T, x.shape[-1])    # (B nh Lq / T, T, hd)
 
-    o_own, l_own = attention_lse(*(own_chunks(x.transpose(1, 2)) for x in (q, k, v)))
+    o_own, l_own = in_slabs(attention_lse, SLAB_SCORES // T**2, *(own_chunks(x) for x in (q, k, v)))
     o_hist, l_hist = history_branch(q, k[:, :Nh * T], v[:, :Nh * T], selected)        # (B, nh, Lq, hd / -)
-    o, _ = merge_lse(o_own.flatten(2, 3), l_own.flatten(2, 3), o_hist, l_hist)        # (B, nh, Lq, hd)
+    o, _ = merge_lse(o_own.view(B, nh, Lq, -1), l_own.view(B, nh, Lq), o_hist, l_hist)  # (B, nh, Lq, hd)
     return o.to(v.dtype).transpose(1, 2)                                              # (B, Lq, nh, hd)
 
 

@@ -213,6 +213,29 @@ def test_history_branch_splits_big_groups_into_tiles(monkeypatch, max_tile):
     assert differs(rf.history_branch(q, k, v, selected.roll(1, dims=-1))[0], want)   # other chunks: other answer
 
 
+def test_two_branch_in_slabs_equals_one_piece_and_keeps_no_scores(monkeypatch):
+    """At Wan's size the scores of a two-branch call do not fit at once, so both branches run in slabs of at most
+    SLAB_SCORES scores, each checkpointed under autograd. Slabs of one tile or one chunk (SLAB_SCORES=1) give the
+    same values and gradients as one piece, and keep far less for backward: no scores, only the slabs' inputs and
+    outputs. The layout is the two-stream training one: every token a query, Nh = N - 1 history chunks."""
+    g = torch.Generator().manual_seed(0)
+    B, nh, hd, T, N = 1, 2, 8, 64, 3
+    L = (2 * N - 1) * T
+    q, k, v = (torch.randn(B, L, nh, hd, generator=g).requires_grad_() for _ in range(3))
+    selected = torch.rand(B, nh, L, N - 1, generator=g) < 0.5
+    runs = {}
+    for slab in (2**40, 1):
+        monkeypatch.setattr(rf, "SLAB_SCORES", slab)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
+            o = rf.two_branch_attention(q, k, v, selected, T)
+        grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+        runs[slab] = o, grads, sum(saved)
+    (o1, g1, saved1), (o2, g2, saved2) = runs[2**40], runs[1]
+    assert rel_err(o2, o1) <= 1e-6 and all(rel_err(a, b) <= 1e-6 for a, b in zip(g2, g1))
+    assert saved2 < saved1 / 3, (saved2, saved1)               # T = 64 keys per query vs hd = 8: scores dominate
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Routed forwards: k >= history equals dense; fast path and flex equal the reference
 # ----------------------------------------------------------------------------------------------------------------
