@@ -312,7 +312,7 @@ def attention(q, k, v, mask=None, phi=None):
 
 # SDPA's fused CPU kernel, which also returns the LSE (see attention_lse); a private op, so None if a torch lacks it
 _FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-MAX_TILE = 256      # most queries per tile in the two-branch history matmul (see history_branch)
+MAX_TILE = 1024     # most queries per tile in the two-branch history matmul (see history_branch)
 TILE_OVERHEAD = 32  # the fixed cost of a tile, in query rows (measured on a CPU; see tile_size)
 SLAB_SCORES = 2**26  # most attention scores a two-branch call holds at once (256 MB in fp32; see in_slabs)
 
