@@ -759,8 +759,9 @@ def main(argv=None):
     if world > 1:
         torch.distributed.destroy_process_group()
     if stopping:
-        raise Stopped(f"stopped at step {step + 1}, saved in {last_ckpt}: go on with python train.py --out {out} "
-                      f"--resume" if rank == 0 else 1)
+        hint = ("rerun the same torchrun command with --resume" if world > 1 else
+                f"go on with python train.py --out {out} --resume")
+        raise Stopped(f"stopped at step {step + 1}, saved in {last_ckpt}: {hint}" if rank == 0 else 1)
 
     if rank != 0 or last_ckpt is None:
         return
