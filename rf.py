@@ -611,7 +611,7 @@ class LayerNorm(nn.LayerNorm):
 
 
 class RMSNorm(nn.Module):
-    """Wan's q/k norm: RMS over the full width D (all heads together), fp32 math."""
+    """Wan's q/k norm: RMS over the full width D (all heads together), fp32 math, output in the input's dtype."""
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -619,7 +619,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # the last type_as matters in training: bf16 x (a Linear under autocast) times an fp32 weight would make q and
+        # k fp32 while v is bf16, so attention would run in fp32 (Wan casts q, k, v to bf16 before its attention)
+        return ((xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight).type_as(x)
 
 
 def sinusoid(dim, t):

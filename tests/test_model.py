@@ -684,6 +684,23 @@ def test_flex_backend_equals_sdpa():
     assert differs(model(x, t, ctx, history=hist + 1.0)[:, FPC:], ts[:, FPC:])
 
 
+def test_attention_inputs_share_one_dtype_under_autocast(monkeypatch):
+    """train.py's regime on a GPU, fp32 weights under bf16 autocast: q, k and v reach attention all in bf16. (The
+    q/k RMSNorm's fp32 weight once made q and k fp32 while v was bf16, so attention, flex included, ran in fp32.)"""
+    model = make_model()
+    seen, real = [], rf.attention
+
+    def spy(q, k, v, *rest):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *rest)
+
+    monkeypatch.setattr(rf, "attention", spy)
+    x, t, ctx, hist = rand_inputs(N=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, ctx, history=hist)
+    assert len(seen) >= 2 and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+
+
 def test_compiled_block_masks_equal_eager(monkeypatch):
     """On CUDA the flex masks are built by torch.compile(create_block_mask): eager, it materialises the whole
     (L, L) grid (some 35 GB at Wan's training length). Compiled here on the CPU, both of our mask_mods (the rule's
