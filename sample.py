@@ -13,6 +13,7 @@ is rebuilt from the checkpoint alone (its meta.json says what it is); nothing is
 Wan: writes one MP4 per video (480x832, 81 frames at 16 fps by default). The prompt is encoded by umT5, the video
 generated 3 latent frames (one chunk) at a time with the KV cache, then decoded by Wan's VAE one latent frame at a
 time straight into the file. Defaults as in the paper: 32 Euler steps, shift 5, CFG 5 against Wan's negative prompt.
+The latents are saved first (wan_seedN_latents.safetensors); --latents FILE decodes such a file again, alone.
 """
 
 import argparse
@@ -42,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
                    help="toy: also roll out these checkpoints, on the same clips, prefix and seed, side by side "
                         "(e.g. --ckpt checkpoints/toy_tf --compare checkpoints/toy_ar_s0.6 --frames 32)")
-    p.add_argument("--out", default=None, help="output folder (default: <ckpt>/../samples; runs/compare with --compare)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <ckpt>/../samples; runs/compare with --compare)")
     p.add_argument("--caption", default=None, help='e.g. "red circle, blue square"; default: test-set clips')
     p.add_argument("--num", type=int, default=None, help="number of videos (default: toy 4, Wan 1)")
     p.add_argument("--frames", type=int, default=None,
@@ -72,6 +74,8 @@ def parse_args(argv=None):
     wan.add_argument("--width", type=int, default=None, help="pixels (default: 8 x frame_size, i.e. 832)")
     wan.add_argument("--offload", action="store_true",
                      help="run the text encoder on the CPU, so it never takes GPU memory (slower)")
+    wan.add_argument("--latents", default=None, metavar="FILE",
+                     help="only decode FILE, the latents an earlier run saved (wan_seedN_latents.safetensors)")
     add_config_options(p)
     args, overrides = split_config_options(vars(p.parse_args(argv)))
     return argparse.Namespace(**args), overrides
@@ -188,7 +192,7 @@ def main(argv=None):
     if args.preset is not None and not is_wan(args.preset):
         sys.exit(f"error: --preset {args.preset!r}: sample.py takes --preset only for Wan (wan2.1-t2v-1.3b); the "
                  f"toy samples from a --ckpt")
-    if args.preset or (meta and is_wan(meta.get("train", {}).get("preset", ""))):
+    if args.preset or args.latents or (meta and is_wan(meta.get("train", {}).get("preset", ""))):
         return main_wan(args, overrides, device, meta)
     if args.prompt is not None:
         sys.exit("error: --prompt is for Wan (--preset wan2.1-t2v-1.3b); the toy takes --caption")
@@ -291,7 +295,9 @@ def main_toy(args, overrides, device):
 
 def main_wan(args, overrides, device, meta):
     """Wan2.1 text-to-video: prompt -> umT5 features -> chunk-by-chunk generation -> VAE, frame by frame -> MP4."""
-    import imageio.v2 as imageio
+    if args.latents:                                           # decode only
+        return decode_wan(load_latents(args.latents), args.latents, args.vae or args.wan or rf.WAN_PARTS_REPO,
+                          device, Path(args.out) if args.out else Path(args.latents).parent)
     if not args.prompt:
         sys.exit('error: Wan samples from a prompt: pass --prompt "..."')
     if args.caption is not None or args.prefix_frames or args.no_cache or args.routing_plot:
@@ -352,14 +358,41 @@ def main_wan(args, overrides, device, meta):
                                   size=(height // 8, width // 8), seed=args.seed, progress=lambda i: bar.update())
         bar.close()
         free(dit)
-        # 3. pixels: the VAE decodes one latent frame at a time, straight into the file
-        vae = rf.load_wan_vae(vae_source, device)
-        if vae.config.z_dim != cfg.in_dim:
-            sys.exit(f"error: the VAE in {vae_source} has {vae.config.z_dim} latent channels, the DiT {cfg.in_dim}")
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")
+    # saved before decoding: if the VAE fails, --latents decodes them without generating them again
+    from safetensors.torch import save_file
+    latents_file = out / f"wan_seed{args.seed}_latents.safetensors"
+    save_file({"latents": latents.float().cpu().contiguous()}, latents_file)
+    decode_wan(latents, latents_file, vae_source, device, out)
+
+
+def load_latents(path):
+    """(num, latent frames, channels, h, w) from a file main_wan saved."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)["latents"]
+    except (OSError, KeyError, SafetensorError) as e:
+        sys.exit(f"error: cannot read latents from {path} ({type(e).__name__}): pass a wan_seedN_latents.safetensors "
+                 f"that sample.py wrote")
+
+
+def decode_wan(latents, latents_file, vae_source, device, out):
+    """Pixels: the VAE decodes one latent frame at a time, straight into one MP4 per video (named after the file)."""
+    import imageio.v2 as imageio
+    num, num_latent, channels, h, w = latents.shape
+    frames, height, width = 1 + 4 * (num_latent - 1), 8 * h, 8 * w
+    try:
+        vae = rf.load_wan_vae(vae_source, device)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}; the latents are saved: decode them alone with --latents {latents_file}")
+    if vae.config.z_dim != channels:
+        sys.exit(f"error: the VAE in {vae_source} has {vae.config.z_dim} latent channels, the latents {channels}")
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(latents_file).name.removesuffix("_latents.safetensors")
     for i in range(num):
-        path = out / f"wan_seed{args.seed}_{i}.mp4"
+        path = out / f"{stem}_{i}.mp4"
         with imageio.get_writer(path, fps=rf.WAN_FPS, macro_block_size=16) as writer:
             for pixels in tqdm(rf.vae_decode_chunks(vae, latents[i:i + 1]), total=num_latent,
                                desc=f"decode {path.name}", dynamic_ncols=True):

@@ -126,6 +126,15 @@ def test_prompt_to_mp4(wan_root, tmp_path, capsys):
     sample.main(base + ["--frames", "21"])                                 # 6 latent frames: 2 chunks of 3
     video = read_mp4(tmp_path / "wan_seed0_0.mp4")
     assert video.shape == (21, 32, 32, 3) and video.std() > 0
+    # the latents were saved before decoding: --latents decodes them again without the text encoder or the DiT
+    again = tmp_path / "again"
+    again.mkdir()
+    sample.main(["--latents", str(tmp_path / "wan_seed0_latents.safetensors"), "--vae", str(wan_root),
+                 "--out", str(again)])
+    assert np.array_equal(read_mp4(again / "wan_seed0_0.mp4"), video)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--latents", str(tmp_path / "wan_seed0_0.mp4"), "--vae", str(wan_root)])
+    assert "cannot read latents" in one_line(e.value.code)
     sample.main(base + ["--frames", "9", "--height", "16", "--width", "48", "--num", "2", "--seed", "3",
                         "--top_k", "1"])                                   # a smaller size; routing passes through
     printed = capsys.readouterr().out
