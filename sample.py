@@ -382,13 +382,14 @@ def decode_wan(latents, latents_file, vae_source, device, out):
     """Pixels: the VAE decodes one latent frame at a time, straight into one MP4 per video (named after the file)."""
     import imageio.v2 as imageio
     num, num_latent, channels, h, w = latents.shape
-    frames, height, width = 1 + 4 * (num_latent - 1), 8 * h, 8 * w
     try:
         vae = rf.load_wan_vae(vae_source, device)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}; the latents are saved: decode them alone with --latents {latents_file}")
     if vae.config.z_dim != channels:
         sys.exit(f"error: the VAE in {vae_source} has {vae.config.z_dim} latent channels, the latents {channels}")
+    temporal, spatial = rf.vae_strides(vae)
+    frames, height, width = 1 + temporal * (num_latent - 1), spatial * h, spatial * w
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(latents_file).name.removesuffix("_latents.safetensors")
     for i in range(num):
