@@ -27,7 +27,9 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import checkpoints
 import rf
+import wan
 from tiny_data import shapes
 from train import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, ROUTING_FIELDS, add_config_options, check_ranges,
                    checkpoint_config, is_wan, split_config_options)
@@ -62,19 +64,19 @@ def parse_args(argv=None):
     p.add_argument("--routing_plot", default=None, metavar="PATH",
                    help="save a bar chart (PNG) of how often each history chunk was selected while generating the "
                         "last chunk, like the paper's Fig. 8 (needs a checkpoint with top_k or window routing)")
-    wan = p.add_argument_group("Wan2.1 text-to-video (--preset wan2.1-t2v-1.3b, or --ckpt of a train.py Wan run)")
-    wan.add_argument("--preset", default=None, help="wan2.1-t2v-1.3b: Wan2.1's weights from --wan")
-    wan.add_argument("--prompt", default=None, help="what the video shows")
-    wan.add_argument("--negative_prompt", default=rf.WAN_NEGATIVE_PROMPT, help="CFG's unconditional prompt "
+    group = p.add_argument_group("Wan2.1 text-to-video (--preset wan2.1-t2v-1.3b, or --ckpt of a train.py Wan run)")
+    group.add_argument("--preset", default=None, help="wan2.1-t2v-1.3b: Wan2.1's weights from --wan")
+    group.add_argument("--prompt", default=None, help="what the video shows")
+    group.add_argument("--negative_prompt", default=wan.WAN_NEGATIVE_PROMPT, help="CFG's unconditional prompt "
                      "(default: Wan's own, in Chinese)")
-    wan.add_argument("--wan", default=None, help=f"the DiT: any rf.load_wan source (default: {rf.WAN_PARTS_REPO})")
-    wan.add_argument("--text_encoder", default=None, help="umT5 + tokenizer, diffusers layout (default: --wan)")
-    wan.add_argument("--vae", default=None, help="Wan's VAE, diffusers layout (default: --wan)")
-    wan.add_argument("--height", type=int, default=None, help="pixels (default: 8 x frame_size, i.e. 480)")
-    wan.add_argument("--width", type=int, default=None, help="pixels (default: 8 x frame_size, i.e. 832)")
-    wan.add_argument("--offload", action="store_true",
+    group.add_argument("--wan", default=None, help=f"the DiT: any wan.load_wan source (default: {wan.WAN_PARTS_REPO})")
+    group.add_argument("--text_encoder", default=None, help="umT5 + tokenizer, diffusers layout (default: --wan)")
+    group.add_argument("--vae", default=None, help="Wan's VAE, diffusers layout (default: --wan)")
+    group.add_argument("--height", type=int, default=None, help="pixels (default: 8 x frame_size, i.e. 480)")
+    group.add_argument("--width", type=int, default=None, help="pixels (default: 8 x frame_size, i.e. 832)")
+    group.add_argument("--offload", action="store_true",
                      help="run the text encoder on the CPU, so it never takes GPU memory (slower)")
-    wan.add_argument("--latents", default=None, metavar="FILE",
+    group.add_argument("--latents", default=None, metavar="FILE",
                      help="only decode FILE, the latents an earlier run saved (wan_seedN_latents.safetensors)")
     add_config_options(p)
     args, overrides = split_config_options(vars(p.parse_args(argv)))
@@ -84,7 +86,7 @@ def parse_args(argv=None):
 def load_models(ckpt, use_ema, device, overrides=None):
     """-> (dit, text_encoder, meta), rebuilt from the checkpoint folder alone."""
     try:
-        meta, tensors = rf.load_checkpoint(ckpt)
+        meta, tensors = checkpoints.load_checkpoint(ckpt)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     cfg = checkpoint_config(meta["config"], overrides or {}, ROUTING_FIELDS, f"sampling {ckpt}")
@@ -95,7 +97,7 @@ def load_models(ckpt, use_ema, device, overrides=None):
         if name + suffix not in tensors:
             sys.exit(f"error: {ckpt} has no {name + suffix}.safetensors" + (" (try --no-ema)" if use_ema else ""))
         try:
-            rf.load_state_strict(module, tensors[name + suffix], f"{ckpt}/{name + suffix}.safetensors")
+            checkpoints.load_state_strict(module, tensors[name + suffix], f"{ckpt}/{name + suffix}.safetensors")
         except ValueError as e:
             sys.exit(f"error: {e}")
     return dit.to(device).eval(), text_encoder.to(device).eval(), meta
@@ -296,7 +298,7 @@ def main_toy(args, overrides, device):
 def main_wan(args, overrides, device, meta):
     """Wan2.1 text-to-video: prompt -> umT5 features -> chunk-by-chunk generation -> VAE, frame by frame -> MP4."""
     if args.latents:                                           # decode only
-        return decode_wan(load_latents(args.latents), args.latents, args.vae or args.wan or rf.WAN_PARTS_REPO,
+        return decode_wan(load_latents(args.latents), args.latents, args.vae or args.wan or wan.WAN_PARTS_REPO,
                           device, Path(args.out) if args.out else Path(args.latents).parent)
     if not args.prompt:
         sys.exit('error: Wan samples from a prompt: pass --prompt "..."')
@@ -305,9 +307,9 @@ def main_wan(args, overrides, device, meta):
     cuda = device.type == "cuda"
     if meta is not None and args.preset is None:           # a Wan model fine-tuned by train.py
         cfg = checkpoint_config(meta["config"], overrides, ROUTING_FIELDS, f"sampling {args.ckpt}")
-        preset_name, fields = meta["train"]["preset"], rf.config_to_dict(cfg)
+        preset_name, fields = meta["train"]["preset"], checkpoints.config_to_dict(cfg)
         weights = Path(args.ckpt) / ("dit_ema.safetensors" if args.ema else "dit.safetensors")
-        source = meta["train"].get("wan") or rf.WAN_PARTS_REPO
+        source = meta["train"].get("wan") or wan.WAN_PARTS_REPO
         text_source = args.text_encoder or meta["train"].get("text_encoder") or source
         vae_source = args.vae or meta["train"].get("vae") or source
         out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "samples"
@@ -317,7 +319,7 @@ def main_wan(args, overrides, device, meta):
             cfg = rf.preset(preset_name, **fields)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        weights = source = args.wan or rf.WAN_PARTS_REPO
+        weights = source = args.wan or wan.WAN_PARTS_REPO
         text_source, vae_source = args.text_encoder or source, args.vae or source
         out = Path(args.out) if args.out else Path("samples")
     frames, num = args.frames or 81, args.num or 1
@@ -327,7 +329,7 @@ def main_wan(args, overrides, device, meta):
         sys.exit(f"error: {height}x{width}: height and width must be multiples of {step} (VAE stride 8 x patch "
                  f"{cfg.patch_size[1]}), e.g. 480x832 or 240x416")
     try:
-        num_latent = rf.latent_frames(frames, cfg.frames_per_chunk)
+        num_latent = wan.latent_frames(frames, cfg.frames_per_chunk)
     except ValueError as e:
         sys.exit(f"error: --frames {e}")
     out.mkdir(parents=True, exist_ok=True)
@@ -344,13 +346,13 @@ def main_wan(args, overrides, device, meta):
     try:
         # 1. the prompts' features; the text encoder is then dropped, so it never shares the GPU with the DiT
         text_device = "cpu" if args.offload else device
-        tokenizer, encoder = rf.load_wan_text_encoder(text_source, torch.bfloat16 if cuda else torch.float32,
+        tokenizer, encoder = wan.load_wan_text_encoder(text_source, torch.bfloat16 if cuda else torch.float32,
                                                       text_device)
-        context, _ = rf.encode_prompts(tokenizer, encoder, [args.prompt] * num, cfg.text_len)
-        neg_context, _ = rf.encode_prompts(tokenizer, encoder, [args.negative_prompt], cfg.text_len)
+        context, _ = wan.encode_prompts(tokenizer, encoder, [args.prompt] * num, cfg.text_len)
+        neg_context, _ = wan.encode_prompts(tokenizer, encoder, [args.negative_prompt], cfg.text_len)
         free(encoder)
         # 2. the latents, chunk by chunk (bf16 on CUDA: fp32 islands, bf16 matmuls, as train.py trains)
-        dit = rf.load_wan(weights, torch.bfloat16 if cuda else torch.float32, device, preset_name, **fields).eval()
+        dit = wan.load_wan(weights, torch.bfloat16 if cuda else torch.float32, device, preset_name, **fields).eval()
         bar = tqdm(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             latents = rf.generate(dit, context.to(device), num_latent, steps=args.steps, shift=args.shift,
@@ -383,23 +385,23 @@ def decode_wan(latents, latents_file, vae_source, device, out):
     import imageio.v2 as imageio
     num, num_latent, channels, h, w = latents.shape
     try:
-        vae = rf.load_wan_vae(vae_source, device)
+        vae = wan.load_wan_vae(vae_source, device)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}; the latents are saved: decode them alone with --latents {latents_file}")
     if vae.config.z_dim != channels:
         sys.exit(f"error: the VAE in {vae_source} has {vae.config.z_dim} latent channels, the latents {channels}")
-    temporal, spatial = rf.vae_strides(vae)
+    temporal, spatial = wan.vae_strides(vae)
     frames, height, width = 1 + temporal * (num_latent - 1), spatial * h, spatial * w
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(latents_file).name.removesuffix("_latents.safetensors")
     for i in range(num):
         path = out / f"{stem}_{i}.mp4"
-        with imageio.get_writer(path, fps=rf.WAN_FPS, macro_block_size=16) as writer:
-            for pixels in tqdm(rf.vae_decode_chunks(vae, latents[i:i + 1]), total=num_latent,
+        with imageio.get_writer(path, fps=wan.WAN_FPS, macro_block_size=16) as writer:
+            for pixels in tqdm(wan.vae_decode_chunks(vae, latents[i:i + 1]), total=num_latent,
                                desc=f"decode {path.name}", dynamic_ncols=True):
                 for frame in to_uint8(pixels)[0]:
                     writer.append_data(frame)
-        print(f"wrote {path} ({frames} frames, {height}x{width}, {rf.WAN_FPS} fps)")
+        print(f"wrote {path} ({frames} frames, {height}x{width}, {wan.WAN_FPS} fps)")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoints
 import rf
+import wan
 from tiny_data import shapes
 
 
@@ -66,7 +68,7 @@ class Train:
     dry_run: bool = False             # Wan presets: check both checkpoint key layouts, print memory needs, exit
     grad_checkpointing: bool = False  # recompute each block in backward: far less activation memory
     # Wan presets only: where the weights come from (a local folder or a hub id), and the latent cache
-    wan: str = rf.WAN_PARTS_REPO      # the DiT to start from (any rf.load_wan source)
+    wan: str = wan.WAN_PARTS_REPO      # the DiT to start from (any wan.load_wan source)
     text_encoder: str = ""            # umT5 + tokenizer in the diffusers layout (default: --wan)
     vae: str = ""                     # Wan's VAE in the diffusers layout (default: --wan)
     cache: str = ""                   # where encoded clips go (default: DATA/.rf_cache)
@@ -157,7 +159,7 @@ def checkpoint_config(saved, overrides, allowed, what):
     """The config a checkpoint saved (a dict), with the options in `allowed` as given now (they hold no weights).
     Any other option given that differs from the saved value is a one-line error; `what` names the caller."""
     try:
-        cfg = rf.config_from_dict(saved)                   # JSON lists back to tuples, so they compare as given
+        cfg = checkpoints.config_from_dict(saved)                   # JSON lists back to tuples, so they compare as given
         clash = {k: v for k, v in overrides.items() if k not in allowed and getattr(cfg, k) != v}
         if clash:
             sys.exit(f"error: {what} uses the checkpoint's config; only {', '.join(allowed)} may change: {clash}")
@@ -278,7 +280,7 @@ def read_video(path, height, width):
         fps = reader.get_meta_data().get("fps")
         # NOTE(choice): Wan was trained at 16 fps; a faster video keeps every round(fps / 16)-th frame, a slower one
         # all of them. Resize to cover, then centre-crop: no letterbox, no stretching.
-        stride = max(1, round(fps / rf.WAN_FPS)) if fps else 1
+        stride = max(1, round(fps / wan.WAN_FPS)) if fps else 1
         for i, frame in enumerate(reader):
             if i % stride:
                 continue
@@ -302,11 +304,11 @@ def encode_video(path, caption, frames, size, vae, tokenizer, encoder, text_len)
         window.append(frame)
         if len(window) == frames:
             video = torch.from_numpy(np.stack(window)).permute(0, 3, 1, 2)[None].float() / 127.5 - 1
-            latents.append(rf.vae_encode(vae, video)[0].cpu())                        # (F, C, h, w)
+            latents.append(wan.vae_encode(vae, video)[0].cpu())                        # (F, C, h, w)
             window = []
     if not latents:
-        raise ValueError(f"{len(window)} frames at {rf.WAN_FPS} fps, fewer than --clip_frames {frames}")
-    context, length = rf.encode_prompts(tokenizer, encoder, [caption], text_len)
+        raise ValueError(f"{len(window)} frames at {wan.WAN_FPS} fps, fewer than --clip_frames {frames}")
+    context, length = wan.encode_prompts(tokenizer, encoder, [caption], text_len)
     return {"latents": torch.stack(latents), "context": context[0, :length[0]].cpu()}
 
 
@@ -341,7 +343,7 @@ def wan_clips(train, cfg, device, rank, world):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     try:
-        F_ = rf.latent_frames(train.clip_frames, cfg.frames_per_chunk)
+        F_ = wan.latent_frames(train.clip_frames, cfg.frames_per_chunk)
     except ValueError as e:
         sys.exit(f"error: --clip_frames {e}")
     if not train.data or not Path(train.data).is_dir():
@@ -362,7 +364,7 @@ def wan_clips(train, cfg, device, rank, world):
     def key(video, caption):
         stat = video.stat()
         return json.dumps(dict(bytes=stat.st_size, mtime_ns=stat.st_mtime_ns, caption=caption, frames=train.clip_frames,
-                               size=size, fps=rf.WAN_FPS, text_len=cfg.text_len, **parts))
+                               size=size, fps=wan.WAN_FPS, text_len=cfg.text_len, **parts))
 
     def cached(path, k):
         try:
@@ -385,13 +387,13 @@ def wan_clips(train, cfg, device, rank, world):
     mine = todo[rank::world]                                # under torchrun each process encodes its share
     if mine or (need_empty and rank == 0):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32     # Wan runs umT5 in bf16
-        tokenizer, encoder = rf.load_wan_text_encoder(parts["text_encoder"], dtype, device)
-        vae = rf.load_wan_vae(parts["vae"], device)
-        if rf.vae_strides(vae) != (4, 8) or vae.config.z_dim != cfg.in_dim:
-            sys.exit(f"error: the VAE in {parts['vae']} has strides {rf.vae_strides(vae)} and {vae.config.z_dim} "
+        tokenizer, encoder = wan.load_wan_text_encoder(parts["text_encoder"], dtype, device)
+        vae = wan.load_wan_vae(parts["vae"], device)
+        if wan.vae_strides(vae) != (4, 8) or vae.config.z_dim != cfg.in_dim:
+            sys.exit(f"error: the VAE in {parts['vae']} has strides {wan.vae_strides(vae)} and {vae.config.z_dim} "
                      f"channels; the model expects Wan2.1's (4, 8) and in_dim={cfg.in_dim}")
         if rank == 0 and need_empty:
-            context, length = rf.encode_prompts(tokenizer, encoder, [""], cfg.text_len)
+            context, length = wan.encode_prompts(tokenizer, encoder, [""], cfg.text_len)
             save_file({"context": context[0, :length[0]].cpu()}, str(empty_file), metadata={"key": empty_key})
         for video, caption, path, k in tqdm(mine, desc="encode videos", disable=rank != 0, dynamic_ncols=True):
             try:
@@ -434,7 +436,7 @@ def wan_clips(train, cfg, device, rank, world):
 # checkpoints: a folder per save, written atomically; `latest` is the newest complete one
 # ----------------------------------------------------------------------------------------------------------------
 
-def checkpoints(out):
+def saved_steps(out):
     return sorted(p for p in Path(out).glob("step_*") if (p / "meta.json").is_file())
 
 
@@ -457,17 +459,17 @@ def save(out, step, models, emas, opt, gen, cfg, train, keep_last):
     groups |= {f"{name}_ema": m.state_dict() for name, m in emas.items()}
     opt_tensors, param_groups = optimizer_tensors(opt)
     groups["train_state"] = opt_tensors | {"rng": gen.get_state()}
-    meta = dict(config=rf.config_to_dict(cfg), train=dataclasses.asdict(train), step=step,
+    meta = dict(config=checkpoints.config_to_dict(cfg), train=dataclasses.asdict(train), step=step,
                 stage=("teacher_forcing" if step < train.warmup_steps or cfg.degrade == "none" else
                        "resampling_forcing"),
                 vocab=shapes.VOCAB, param_groups=param_groups)
     path = Path(out) / f"step_{step:07d}"
-    rf.save_checkpoint(path, groups, meta)
+    checkpoints.save_checkpoint(path, groups, meta)
     link = Path(out) / "latest.tmp"                  # `latest` -> this one, swapped atomically like the folder
     link.unlink(missing_ok=True)
     link.symlink_to(path.name)
     os.replace(link, Path(out) / "latest")
-    for old in checkpoints(out)[:-keep_last]:
+    for old in saved_steps(out)[:-keep_last]:
         shutil.rmtree(old)
     return path
 
@@ -581,7 +583,7 @@ def main(argv=None):
     given, overrides = parse_args(argv)
     train = Train(**{**(WAN_DEFAULTS if is_wan(given.get("preset", Train.preset)) else {}), **given})
     if train.dry_run:              # builds the model on the meta device only: nothing is allocated or trained
-        print(rf.wan_memory_report(rf.preset(train.preset, **overrides)))
+        print(wan.wan_memory_report(rf.preset(train.preset, **overrides)))
         return
     check_ranges(train, TRAIN_RANGES)
     out = Path(train.out)
@@ -590,10 +592,10 @@ def main(argv=None):
     say = print if rank == 0 else (lambda *a, **k: None)           # one process speaks and writes
 
     if train.resume:
-        if not checkpoints(out):
+        if not saved_steps(out):
             sys.exit(f"error: --resume but no checkpoint in {out}: drop --resume to start a new run")
         try:
-            meta, tensors = rf.load_checkpoint(checkpoints(out)[-1])
+            meta, tensors = checkpoints.load_checkpoint(saved_steps(out)[-1])
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         # a later stage may switch history routing on (the paper's last stage: top_k 5) or change the degradation
@@ -603,13 +605,13 @@ def main(argv=None):
         train = Train(**{**meta["train"], **given, "resume": True})
         check_ranges(train, TRAIN_RANGES)
     else:
-        if checkpoints(out):
+        if saved_steps(out):
             sys.exit(f"error: {out} already holds a run: pass --resume to continue it or --out to start a new one")
         try:
             cfg = rf.preset(train.preset, **overrides)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    wan = is_wan(train.preset)
+    real_wan = is_wan(train.preset)
     A, B = train.grad_accum, train.batch_size
     if B % (world * A):
         sys.exit(f"error: --batch_size {B} does not split into {world} process(es) x --grad_accum {A} equal "
@@ -619,7 +621,7 @@ def main(argv=None):
     b = B // (world * A)                                   # clips per micro-batch in each process
     say(f"device {device}; preset {train.preset}; overrides {overrides or 'none'}"
         + (f"; {world} process(es) x {A} micro-batch(es) of {b} clips per step" if world * A > 1 else ""))
-    if wan:
+    if real_wan:
         data = wan_clips(train, cfg, device, rank, world)
     else:
         try:
@@ -633,35 +635,35 @@ def main(argv=None):
         return
 
     torch.manual_seed(train.seed)
-    if wan and not train.resume:                           # fp32 master weights, trained under bf16 autocast
+    if real_wan and not train.resume:                           # fp32 master weights, trained under bf16 autocast
         try:
-            dit = rf.load_wan(train.wan, torch.float32, device, train.preset, **overrides)
+            dit = wan.load_wan(train.wan, torch.float32, device, train.preset, **overrides)
         except (OSError, ValueError) as e:
             sys.exit(f"error: {e}")
     else:
         dit = rf.DiT(cfg).to(device)
     models = {"dit": dit}
-    if not wan:                                            # the toy learns its caption encoder; Wan's umT5 is frozen
+    if not real_wan:                                            # the toy learns its caption encoder; Wan's umT5 is frozen
         models["text_encoder"] = rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len).to(device)
     # the EMA starts as a copy of each model (on --resume both are then overwritten from the checkpoint)
     emas = {name: copy.deepcopy(m).requires_grad_(False).eval() for name, m in models.items()}
     params = [p for m in models.values() for p in m.parameters()]
-    say(f"DiT {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters" + ("" if wan else
+    say(f"DiT {sum(p.numel() for p in dit.parameters()) / 1e6:.2f}M parameters" + ("" if real_wan else
         f", caption encoder {sum(p.numel() for p in models['text_encoder'].parameters()) / 1e6:.2f}M"))
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(train.seed)
     start = 0
     if train.resume:
         for name, m in models.items():
-            rf.load_state_strict(m, tensors[name], f"checkpoint {name}")
-            rf.load_state_strict(emas[name], tensors[f"{name}_ema"], f"checkpoint {name}_ema")
+            checkpoints.load_state_strict(m, tensors[name], f"checkpoint {name}")
+            checkpoints.load_state_strict(emas[name], tensors[f"{name}_ema"], f"checkpoint {name}_ema")
         state = tensors["train_state"]
         gen.set_state(state.pop("rng"))
         load_optimizer(opt, state, meta["param_groups"])
         for group in opt.param_groups:            # a new stage may give a new --lr / --weight_decay
             group["lr"], group["weight_decay"] = train.lr, train.weight_decay
         start = meta["step"]
-        say(f"resumed from {checkpoints(out)[-1]} at step {start} ({meta['stage']})")
+        say(f"resumed from {saved_steps(out)[-1]} at step {start} ({meta['stage']})")
     dit.grad_checkpointing = train.grad_checkpointing
     # under torchrun each trained model is wrapped in DDP (which also makes every process start from rank 0's weights)
     wrapped = {name: DDP(m, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else m
@@ -674,7 +676,7 @@ def main(argv=None):
     counts = torch.zeros(len(T_BUCKETS) - 1)
     bar = tqdm(range(start, train.steps), initial=start, total=train.steps, desc="train", dynamic_ncols=True,
                disable=rank != 0)
-    last_ckpt = checkpoints(out)[-1] if checkpoints(out) else None
+    last_ckpt = saved_steps(out)[-1] if saved_steps(out) else None
     mine = slice(rank * A * b, (rank + 1) * A * b)         # this process's rows of each batch
     t0 = time.time()
     stopping = False
@@ -770,7 +772,7 @@ def main(argv=None):
     print(f"checkpoint: {latest} -> {last_ckpt.name}")
     if train.sample:
         import sample
-        extra = ["--prompt", data.captions[0], "--frames", str(train.clip_frames)] if wan else []
+        extra = ["--prompt", data.captions[0], "--frames", str(train.clip_frames)] if real_wan else []
         sample.main(["--ckpt", str(latest), "--out", str(out / "samples"), *extra])
 
 

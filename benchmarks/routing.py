@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints  # noqa: E402
 import rf  # noqa: E402
 from core import clock  # noqa: E402  (benchmarks/core.py: this folder is on sys.path when run as a script)
 
@@ -109,7 +110,7 @@ def chunk_times(cfg, names, histories, steps, repeats, T, device, dtype):
     with torch.no_grad(), autocast:
         text_kv = base.encode_text(ctx)
         for n in names:
-            models[n] = rf.DiT(rf.Config(**{**rf.config_to_dict(cfg), **VARIANTS[n]})).to(device).eval()
+            models[n] = rf.DiT(rf.Config(**{**checkpoints.config_to_dict(cfg), **VARIANTS[n]})).to(device).eval()
             models[n].load_state_dict(base.state_dict())
             caches[n] = rf.KVCache(models[n], (max_h + 1) * fpc, (H_, W_))
             for _ in range(max_h):                     # fill with chunks the model itself encoded at t = 0
@@ -159,7 +160,7 @@ def main():
     overrides = dict(num_layers=args.layers or (4 if args.wan else cfg.num_layers))
     if args.size:
         overrides["frame_size"] = tuple(args.size)
-    cfg = rf.Config(**{**rf.config_to_dict(cfg), **overrides})
+    cfg = rf.Config(**{**checkpoints.config_to_dict(cfg), **overrides})
     steps = args.steps or (2 if args.wan else cfg.sample_steps)
     fpc = cfg.frames_per_chunk
     S = (cfg.frame_size[0] // cfg.patch_size[1]) * (cfg.frame_size[1] // cfg.patch_size[2])   # tokens per frame

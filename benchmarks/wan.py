@@ -24,16 +24,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints  # noqa: E402
 import rf  # noqa: E402
+import wan  # noqa: E402
 from core import clock  # noqa: E402  (benchmarks/core.py)
 
 TINY = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=32, text_dim=64, frame_size=(8, 8))
 
 
 def bf16_like_load_wan(model, dtype):
-    """Parameters in dtype except Wan's fp32 islands, as rf.load_wan(dtype=...) leaves them."""
+    """Parameters in dtype except Wan's fp32 islands, as wan.load_wan(dtype=...) leaves them."""
     for name, p in model.named_parameters():
-        p.data = p.data.to(rf._param_dtype(name, dtype))
+        p.data = p.data.to(wan._param_dtype(name, dtype))
     return model
 
 
@@ -92,12 +94,12 @@ def main():
             ours = rf.DiT(cfg).eval()
         torch.nn.init.normal_(ours.head.head.weight, std=0.02)        # Wan's init zeroes the head: not here
         with torch.device(device):
-            ref = WanTransformer3DModel(**rf.diffusers_wan_config(cfg)).eval()
-        ref.load_state_dict({rf.wan_to_diffusers_key(k): v for k, v in ours.state_dict().items()})
+            ref = WanTransformer3DModel(**wan.diffusers_wan_config(cfg)).eval()
+        ref.load_state_dict({wan.wan_to_diffusers_key(k): v for k, v in ours.state_dict().items()})
         bf16_like_load_wan(ours, dtype), diffusers_like_from_pretrained(ref, dtype)
         t = torch.full((1, args.frames), 0.5, device=device)
         ctx = context.to(dtype)
-        bidir = rf.Config(**{**rf.config_to_dict(cfg), "frames_per_chunk": args.frames})
+        bidir = rf.Config(**{**checkpoints.config_to_dict(cfg), "frames_per_chunk": args.frames})
 
         @torch.no_grad()
         def run_ours(model_cfg):

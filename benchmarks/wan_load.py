@@ -1,5 +1,5 @@
 """
-Host memory of rf.load_wan at the full 1.3B size (issue 4: peak host memory should stay near one copy of the weights).
+Host memory of wan.load_wan at the full 1.3B size (issue 4: peak host memory should stay near one copy of the weights).
 
 Writes a random Wan2.1-T2V-1.3B checkpoint in the original layout (one fp32 safetensors file, 5.7 GB), then loads
 it in a fresh process per dtype and reports the peak resident memory of that process, split in two:
@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rf  # noqa: E402
+import wan  # noqa: E402
 
 GiB = 2**30
 
@@ -57,7 +58,7 @@ def child(path, dtype, device):
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     start = time.perf_counter()
-    model = rf.load_wan(path, dtype=getattr(torch, dtype), device=device)
+    model = wan.load_wan(path, dtype=getattr(torch, dtype), device=device)
     seconds = time.perf_counter() - start
     done.set()
     thread.join()

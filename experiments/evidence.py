@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import checkpoints  # noqa: E402
 import rf  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
@@ -92,7 +93,7 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def finished(run, steps):
-    return any(p.name == f"step_{steps:07d}" for p in train.checkpoints(run))
+    return any(p.name == f"step_{steps:07d}" for p in train.saved_steps(run))
 
 
 def run_train(argv):
@@ -108,7 +109,7 @@ def train_all(args, out, timings):
     w = scale["warmup_steps"]
 
     def options(run, steps):
-        resume = ["--resume"] if train.checkpoints(run) else []
+        resume = ["--resume"] if train.saved_steps(run) else []
         return ["--out", str(run), "--steps", str(steps), "--warmup_steps", str(w), "--ckpt_every", "250",
                 "--batch_size", str(scale["batch_size"]), "--clip_frames", str(TRAIN_FRAMES), "--seed", str(args.seed),
                 "--device", args.device, "--no-sample", "--keep_last", "1"] + resume
@@ -125,10 +126,10 @@ def train_all(args, out, timings):
         if finished(run, scale["steps"]):
             print(f"== {name}: done already ({run})")
             continue
-        if not train.checkpoints(run):                       # branch: a copy of the warm-up checkpoint
+        if not train.saved_steps(run):                       # branch: a copy of the warm-up checkpoint
             run.mkdir(parents=True, exist_ok=True)
             shutil.copytree(warm / f"step_{w:07d}", run / f"step_{w:07d}")
-        start = int(train.checkpoints(run)[-1].name.split("_")[1])           # step_0000700 -> 700
+        start = int(train.saved_steps(run)[-1].name.split("_")[1])           # step_0000700 -> 700
         print(f"== {name}: {label}, steps {start}..{scale['steps']}")
         t0 = time.time()
         run_train(options(run, scale["steps"]) + extra)
@@ -231,10 +232,10 @@ def ship(out):
     """The EMA weights + meta of the hero methods -> checkpoints/toy_<name>/, loadable by sample.py. fp32 (5 MB
     each), so the shipped models make exactly the rollouts scored here."""
     for name in HERO:
-        meta, tensors = rf.load_checkpoint(out / name / "latest")
+        meta, tensors = checkpoints.load_checkpoint(out / name / "latest")
         groups = {k: tensors[k] for k in ("dit_ema", "text_encoder_ema")}
         dest = ROOT / "checkpoints" / f"toy_{name}"
-        rf.save_checkpoint(dest, groups, {k: meta[k] for k in ("config", "step", "stage", "vocab", "train")})
+        checkpoints.save_checkpoint(dest, groups, {k: meta[k] for k in ("config", "step", "stage", "vocab", "train")})
         print(f"shipped {dest} ({sum(f.stat().st_size for f in dest.iterdir()) / 2**20:.1f} MiB)")
 
 

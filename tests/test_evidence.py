@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 
+import checkpoints
 import rf
 import train
 from test_scripts import ROOT
@@ -40,8 +41,8 @@ def test_evidence_pipeline_and_branch_equals_fresh_run(tmp_path, capsys):
     train.main(["--out", str(fresh), "--steps", str(scale["steps"]), "--warmup_steps", str(scale["warmup_steps"]),
                 "--batch_size", str(scale["batch_size"]), "--clip_frames", str(evidence.TRAIN_FRAMES),
                 "--no-sample", "--degrade", "autoregressive", "--resample_shift", "0.6"])
-    _, a = rf.load_checkpoint(train.checkpoints(fresh)[-1])
-    _, b = rf.load_checkpoint(train.checkpoints(out / "ar_s0.6")[-1])
+    _, a = checkpoints.load_checkpoint(train.saved_steps(fresh)[-1])
+    _, b = checkpoints.load_checkpoint(train.saved_steps(out / "ar_s0.6")[-1])
     for group in ("dit", "dit_ema", "text_encoder"):
         for key in a[group]:
             assert (a[group][key] == b[group][key]).all(), f"{group}.{key} differs"

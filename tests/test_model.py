@@ -12,6 +12,8 @@ import shutil
 import pytest
 import torch
 
+import checkpoints
+import kernels
 import rf
 
 TINY = dict(num_layers=2, dim=64, ffn_dim=128, num_heads=2, text_len=6, text_dim=32)
@@ -453,14 +455,14 @@ def test_config_errors():
         rf.preset("no-such-preset")
     assert "toy" in one_line(e)
     with pytest.raises(ValueError) as e:
-        rf.config_from_dict({**rf.config_to_dict(rf.preset("toy")), "bogus_key": 1})
+        checkpoints.config_from_dict({**checkpoints.config_to_dict(rf.preset("toy")), "bogus_key": 1})
     assert "bogus_key" in one_line(e)
 
 
 def test_load_state_strict_names_bad_keys(model):
     good = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = make_model(seed=3)
-    rf.load_state_strict(fresh, good)                           # the happy path loads exactly
+    checkpoints.load_state_strict(fresh, good)                           # the happy path loads exactly
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), good.values()))
 
     bad = dict(good)
@@ -468,7 +470,7 @@ def test_load_state_strict_names_bad_keys(model):
     bad["blocks.0.norm1.weight"] = torch.ones(TINY["dim"])
     bad["head.head.weight"] = torch.zeros(5, TINY["dim"])
     with pytest.raises(ValueError) as e:
-        rf.load_state_strict(fresh, bad, what="test weights")
+        checkpoints.load_state_strict(fresh, bad, what="test weights")
     msg = one_line(e)
     assert "test weights" in msg
     assert "missing blocks.1.norm3.bias" in msg
@@ -476,7 +478,7 @@ def test_load_state_strict_names_bad_keys(model):
     assert "wrong shape head.head.weight" in msg and "(5, 64)" in msg and str((48, 64)) in msg
     # many missing keys: the first few are named, then a count
     with pytest.raises(ValueError) as e:
-        rf.load_state_strict(fresh, {k: v for k, v in good.items() if not k.startswith("blocks.")})
+        checkpoints.load_state_strict(fresh, {k: v for k, v in good.items() if not k.startswith("blocks.")})
     assert "more)" in one_line(e)
     # a failed load must not have half-loaded anything
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), good.values()))
@@ -484,24 +486,24 @@ def test_load_state_strict_names_bad_keys(model):
 
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as e:      # NOTE: FileNotFoundError (an OSError), not ValueError
-        rf.load_checkpoint(tmp_path / "nope")
+        checkpoints.load_checkpoint(tmp_path / "nope")
     assert "nope" in one_line(e)
     ck = tmp_path / "ck"
-    rf.save_checkpoint(ck, {"model": {"w": torch.arange(6.0)}}, {"step": 1})
+    checkpoints.save_checkpoint(ck, {"model": {"w": torch.arange(6.0)}}, {"step": 1})
     (ck / "model.safetensors").write_bytes(b"\x00\x01 not a safetensors file at all")
     with pytest.raises(ValueError) as e:
-        rf.load_checkpoint(ck)
+        checkpoints.load_checkpoint(ck)
     assert "corrupt" in one_line(e)
-    rf.save_checkpoint(ck, {"model": {"w": torch.arange(6.0)}}, {"step": 1})
+    checkpoints.save_checkpoint(ck, {"model": {"w": torch.arange(6.0)}}, {"step": 1})
     data = (ck / "model.safetensors").read_bytes()
     (ck / "model.safetensors").write_bytes(data[:-8])          # truncated
     with pytest.raises(ValueError) as e:
-        rf.load_checkpoint(ck)
+        checkpoints.load_checkpoint(ck)
     assert "corrupt" in one_line(e)
-    rf.save_checkpoint(ck, {"model": {"w": torch.arange(6.0)}}, {"step": 1})
+    checkpoints.save_checkpoint(ck, {"model": {"w": torch.arange(6.0)}}, {"step": 1})
     (ck / "meta.json").write_text("{not json")
     with pytest.raises(ValueError) as e:
-        rf.load_checkpoint(ck)
+        checkpoints.load_checkpoint(ck)
     assert "corrupt" in one_line(e)
 
 
@@ -639,14 +641,14 @@ def test_checkpoint_round_trip(tmp_path, model):
     cfg = model.cfg
     state = model.state_dict()
     opt_state = {"step": torch.tensor(3), "m": torch.randn(4, 5, dtype=torch.float64)}
-    meta = {"config": rf.config_to_dict(cfg), "step": 17, "note": "ünïcode", "losses": [1.5, 0.25]}
+    meta = {"config": checkpoints.config_to_dict(cfg), "step": 17, "note": "ünïcode", "losses": [1.5, 0.25]}
     path = tmp_path / "runs" / "latest"
-    rf.save_checkpoint(path, {"model": {"x": torch.zeros(1)}}, {"old": True})  # then overwritten in place
-    rf.save_checkpoint(path, {"model": state, "opt": opt_state}, meta)
+    checkpoints.save_checkpoint(path, {"model": {"x": torch.zeros(1)}}, {"old": True})  # then overwritten in place
+    checkpoints.save_checkpoint(path, {"model": state, "opt": opt_state}, meta)
     assert not path.with_name("latest.tmp").exists()
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "model.safetensors", "opt.safetensors"]
 
-    meta2, tensors = rf.load_checkpoint(path)
+    meta2, tensors = checkpoints.load_checkpoint(path)
     assert meta2 == json.loads(json.dumps(meta))
     assert set(tensors) == {"model", "opt"}
     for group, want in (("model", state), ("opt", opt_state)):
@@ -654,10 +656,10 @@ def test_checkpoint_round_trip(tmp_path, model):
         for k, v in want.items():
             assert tensors[group][k].dtype == v.dtype and torch.equal(tensors[group][k], v), k
 
-    cfg2 = rf.config_from_dict(meta2["config"])
+    cfg2 = checkpoints.config_from_dict(meta2["config"])
     assert cfg2 == cfg and isinstance(cfg2.patch_size, tuple) and isinstance(cfg2.frame_size, tuple)
     m2 = rf.DiT(cfg2).eval()
-    rf.load_state_strict(m2, tensors["model"])
+    checkpoints.load_state_strict(m2, tensors["model"])
     x, t, ctx, hist = rand_inputs(N=2)
     assert torch.equal(m2(x, t, ctx), model(x, t, ctx))
     assert torch.equal(m2(x, t, ctx, history=hist), model(x, t, ctx, history=hist))
@@ -722,7 +724,7 @@ def test_compiled_block_masks_equal_eager(monkeypatch):
                 rf.flex_routed_mask(selected, chunk, stream))
 
     eager = build()
-    monkeypatch.setattr(rf, "create_block_mask", torch.compile(rf.create_block_mask))
+    monkeypatch.setattr(kernels, "create_block_mask", torch.compile(kernels.create_block_mask))
     for want, got in zip(eager, build()):
         assert all(torch.equal(a, b) for a, b in zip(blocks(want), blocks(got)))
     routed = eager[1].kv_num_blocks + eager[1].full_kv_num_blocks                          # (1, 2, query blocks)

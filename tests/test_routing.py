@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+import checkpoints
+import kernels
 import rf
 from test_model import FPC, HW, TINY, differs, make_model, rand_inputs, rel_err
 
@@ -136,7 +138,7 @@ def test_window_and_sink_select_what_they_say():
 def test_config_fields_and_errors():
     cfg = rf.preset("toy", top_k=5)
     assert cfg.routed and not rf.preset("toy").routed and rf.preset("toy", window=2, sink=True).routed
-    assert rf.config_from_dict(rf.config_to_dict(cfg)) == cfg                        # JSON-able, round trips
+    assert checkpoints.config_from_dict(checkpoints.config_to_dict(cfg)) == cfg                        # JSON-able, round trips
     for bad in (dict(top_k=0), dict(window=0), dict(top_k=2, window=2), dict(sink=True)):
         with pytest.raises(ValueError) as e:
             rf.preset("toy", **bad)
@@ -165,26 +167,26 @@ def test_merge_lse_equals_one_softmax_over_the_union():
     # many branches at once: three key sets, merged per output row
     parts = [rf.attention_lse(q, k[:, :, s], v[:, :, s]) for s in (slice(0, 2), slice(2, 7), slice(7, 10))]
     rows = q.shape[0] * q.shape[1] * q.shape[2]
-    o4, lse4 = rf.merge_lse_many(torch.cat([o.reshape(rows, 8) for o, _ in parts]),
+    o4, lse4 = kernels.merge_lse_many(torch.cat([o.reshape(rows, 8) for o, _ in parts]),
                                  torch.cat([lse.reshape(rows) for _, lse in parts]),
                                  torch.arange(rows).repeat(3), rows)
     assert rel_err(o4.view_as(union), union) <= 1e-5 and rel_err(lse4.view_as(lse), lse) <= 1e-5
 
 
 def test_attention_lse_fused_kernel_equals_the_readable_one():
-    """Without autograd on a CPU, attention_lse runs SDPA's fused kernel; with it, the plain steps. Same numbers,
-    on contiguous tiles and on strided views (the own-chunk branch passes a transposed view)."""
-    assert rf._FUSED_CPU is not None, "no fused CPU kernel in this torch: the test would compare a path with itself"
+    """Without autograd on a CPU, kernels.attention_lse runs SDPA's fused kernel; rf.attention_lse is the plain
+    steps. Same numbers, on contiguous tiles and on strided views (the own-chunk branch passes a transposed view)."""
+    assert kernels._FUSED_CPU is not None, "no fused CPU kernel in this torch: the test would compare a path with itself"
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) * 2 for n in (6, 10, 10))
     for args in ((q, k, v), tuple(x.transpose(0, 1) for x in (q, k, v))):
         readable = rf.attention_lse(*args)                       # grad mode on: the plain steps
         with torch.no_grad():
-            fused = rf.attention_lse(*args)
+            fused = kernels.attention_lse(*args)
         assert fused[0].shape == readable[0].shape and fused[1].shape == readable[1].shape
         assert rel_err(fused[0], readable[0]) <= 1e-5 and rel_err(fused[1], readable[1]) <= 1e-5
     with torch.no_grad():                                        # wrong variant: other keys give another answer
-        assert differs(rf.attention_lse(q, k[:, :, :5], v[:, :, :5])[0], readable[0].transpose(0, 1))
+        assert differs(kernels.attention_lse(q, k[:, :, :5], v[:, :, :5])[0], readable[0].transpose(0, 1))
 
 
 @pytest.mark.parametrize("max_tile", [16, 256])
@@ -192,7 +194,7 @@ def test_history_branch_splits_big_groups_into_tiles(monkeypatch, max_tile):
     """A (batch, head, chunk) group read by more queries than a tile holds is cut into several tiles (MAX_TILE=16
     with 40 queries); the result is the same as one softmax per query over its selected chunks' keys. The keys are
     slices of bigger buffers, as in cached sampling."""
-    monkeypatch.setattr(rf, "MAX_TILE", max_tile)
+    monkeypatch.setattr(kernels, "MAX_TILE", max_tile)
     g = torch.Generator().manual_seed(1)
     B, Lq, nh, hd, Nh, Tc = 2, 40, 2, 8, 3, 5
     q, k, v = torch.randn(B, Lq, nh, hd, generator=g), *torch.randn(2, B, Nh * Tc + 7, nh, hd, generator=g)
@@ -206,11 +208,11 @@ def test_history_branch_splits_big_groups_into_tiles(monkeypatch, max_tile):
     want = torch.einsum("bhqk,bkhd->bhqd", s.masked_fill(~allowed, -torch.inf).softmax(-1).nan_to_num(), v)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            o, lse = rf.history_branch(q, k, v, selected)
+            o, lse = kernels.history_branch(q, k, v, selected)
         assert rel_err(o, want) <= 1e-5
         assert rel_err(lse[allowed.any(-1)], s.masked_fill(~allowed, -torch.inf).logsumexp(-1)[allowed.any(-1)]) <= 1e-5
         assert (lse[1, 1, 7] == -torch.inf) and (o[1, 1, 7] == 0).all()
-    assert differs(rf.history_branch(q, k, v, selected.roll(1, dims=-1))[0], want)   # other chunks: other answer
+    assert differs(kernels.history_branch(q, k, v, selected.roll(1, dims=-1))[0], want)   # other chunks: other answer
 
 
 def test_two_branch_in_slabs_equals_one_piece_and_keeps_no_scores(monkeypatch):
@@ -225,15 +227,42 @@ def test_two_branch_in_slabs_equals_one_piece_and_keeps_no_scores(monkeypatch):
     selected = torch.rand(B, nh, L, N - 1, generator=g) < 0.5
     runs = {}
     for slab in (2**40, 1):
-        monkeypatch.setattr(rf, "SLAB_SCORES", slab)
+        monkeypatch.setattr(kernels, "SLAB_SCORES", slab)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
-            o = rf.two_branch_attention(q, k, v, selected, T)
+            o = rf.two_branch_attention(q, k, v, selected, T, kernels.two_branches)
         grads = torch.autograd.grad(o.square().sum(), (q, k, v))
         runs[slab] = o, grads, sum(saved)
     (o1, g1, saved1), (o2, g2, saved2) = runs[2**40], runs[1]
     assert rel_err(o2, o1) <= 1e-6 and all(rel_err(a, b) <= 1e-6 for a, b in zip(g2, g1))
     assert saved2 < saved1 / 3, (saved2, saved1)               # T = 64 keys per query vs hd = 8: scores dominate
+
+
+def test_tuned_branches_equal_the_plain_ones():
+    """kernels.two_branches (tiles, slabs, gathers) against rf.plain_branches (two masked softmaxes, as one would
+    write them), and the merged two_branch_attention against the dense-mask reference (the sdpa backend): values
+    and gradients. Keys of the cached layout (queries = the last chunk) and of the two-stream one."""
+    g = torch.Generator().manual_seed(3)
+    B, nh, hd, T, Nh = 2, 2, 8, 6, 4
+    cached = torch.arange(Nh + 1), torch.full((Nh + 1,), rf.HISTORY), 1                  # chunk, stream, query chunks
+    two_stream = (torch.cat([torch.arange(Nh), torch.arange(Nh + 1)]),
+                  torch.tensor([rf.HISTORY] * Nh + [rf.NOISY] * (Nh + 1)), 2 * Nh + 1)
+    for chunk, stream, n_q in (cached, two_stream):
+        chunk, stream = chunk.repeat_interleave(T), stream.repeat_interleave(T)           # (Lk,) per token
+        Lq, Lk = n_q * T, len(chunk)
+        q = torch.randn(B, Lq, nh, hd, generator=g).requires_grad_()
+        k, v = (torch.randn(B, Lk, nh, hd, generator=g).requires_grad_() for _ in range(2))
+        selected = (torch.rand(B, nh, Lq, Nh, generator=g) < 0.5) & rf.eligible_chunks(chunk[-Lq:], Nh)
+        outs = {}
+        for name, branches in (("plain", rf.plain_branches), ("tuned", kernels.two_branches)):
+            o = rf.two_branch_attention(q, k, v, selected, T, branches)
+            outs[name] = (o, *torch.autograd.grad(o.square().sum(), (q, k, v)))
+        mask = rf.routed_mask(selected, chunk, stream)                                  # (B, nh, Lq, Lk)
+        ref = rf.attention(q, k, v, mask)
+        outs["sdpa"] = (ref, *torch.autograd.grad(ref.square().sum(), (q, k, v)))
+        for name in ("plain", "tuned"):
+            assert all(rel_err(a, b) <= 1e-5 for a, b in zip(outs[name], outs["sdpa"])), name
+        assert differs(rf.two_branch_attention(q, k, v, ~selected, T), ref)             # other chunks: other answer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,8 +414,8 @@ def test_sample_routing_plot(tmp_path, capsys):
     def checkpoint(name, **routing):
         cfg = rf.preset("toy", **TINY, **routing)
         enc = rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len)
-        rf.save_checkpoint(tmp_path / name, {"dit": rf.DiT(cfg).state_dict(), "text_encoder": enc.state_dict()},
-                           {"config": rf.config_to_dict(cfg), "vocab": shapes.VOCAB, "step": 0, "stage": "test"})
+        checkpoints.save_checkpoint(tmp_path / name, {"dit": rf.DiT(cfg).state_dict(), "text_encoder": enc.state_dict()},
+                           {"config": checkpoints.config_to_dict(cfg), "vocab": shapes.VOCAB, "step": 0, "stage": "test"})
         return str(tmp_path / name)
 
     png = tmp_path / "routing.png"

@@ -1,4 +1,4 @@
-"""Loading Wan2.1 DiT weights with rf.load_wan, from every layout a user may bring, against diffusers' own model.
+"""Loading Wan2.1 DiT weights with wan.load_wan, from every layout a user may bring, against diffusers' own model.
 
 Tiny random checkpoints are written here: diffusers' WanTransformer3DModel saves its own layout with save_pretrained
 (one file, and sharded with an index JSON); the original layout, a prefixed single file and a .pth hold the same
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import rf
+import wan
 
 TINY = dict(dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2, text_len=8, text_dim=32, in_dim=4,
             out_dim=4, frames_per_chunk=3, frame_size=(8, 8))            # preset overrides: a 2-layer Wan
@@ -54,13 +55,13 @@ def test_key_rename_examples_and_inverse():
         ("patch_embedding.weight", "patch_embedding.weight"),
     ]
     for d, w in pairs:
-        assert rf.diffusers_to_wan_key(d) == w and rf.wan_to_diffusers_key(w) == d, (d, w)
-    assert rf.diffusers_to_wan_key("blocks.0.not_a_module.weight") == "blocks.0.not_a_module.weight"  # passes through
-    names, layout = rf.wan_key_names([rf.SINGLE_FILE_PREFIX + "head.modulation",
-                                      rf.SINGLE_FILE_PREFIX + "blocks.0.norm3.bias"])
+        assert wan.diffusers_to_wan_key(d) == w and wan.wan_to_diffusers_key(w) == d, (d, w)
+    assert wan.diffusers_to_wan_key("blocks.0.not_a_module.weight") == "blocks.0.not_a_module.weight"  # passes through
+    names, layout = wan.wan_key_names([wan.SINGLE_FILE_PREFIX + "head.modulation",
+                                      wan.SINGLE_FILE_PREFIX + "blocks.0.norm3.bias"])
     assert layout == "original" and sorted(names.values()) == ["blocks.0.norm3.bias", "head.modulation"]
     with pytest.raises(ValueError, match="mixes"):
-        rf.wan_key_names(["head.head.weight", "proj_out.weight"])
+        wan.wan_key_names(["head.head.weight", "proj_out.weight"])
 
 
 # --- checkpoints in every layout, from one diffusers model -----------------------------------------------------
@@ -69,7 +70,7 @@ def test_key_rename_examples_and_inverse():
 def ref():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(**rf.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY)))
+    model = diffusers.WanTransformer3DModel(**wan.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY)))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():       # every parameter random, none at its init value
@@ -93,22 +94,22 @@ def inputs_and_target(ref):
 def wan_config_json(**changes):
     """config.json as Wan-AI/Wan2.1-T2V-1.3B writes it (its field names are ours), at the tiny size."""
     c = rf.preset("wan2.1-t2v-1.3b", **TINY)
-    raw = {"_class_name": "WanModel", "model_type": "t2v", **{f: getattr(c, f) for f in rf.WAN_CONFIG_FIELDS}}
+    raw = {"_class_name": "WanModel", "model_type": "t2v", **{f: getattr(c, f) for f in wan.WAN_CONFIG_FIELDS}}
     return json.dumps({**raw, "patch_size": list(c.patch_size), **changes})
 
 
 @pytest.fixture(scope="module")
 def ckpts(ref, tmp_path_factory):
     root = tmp_path_factory.mktemp("wan_ckpts")
-    wan_state = {rf.diffusers_to_wan_key(k): v.contiguous() for k, v in ref.state_dict().items()}
+    wan_state = {wan.diffusers_to_wan_key(k): v.contiguous() for k, v in ref.state_dict().items()}
     (root / "original").mkdir()
-    save_file(wan_state, str(root / "original" / rf.DIT_WEIGHTS))
+    save_file(wan_state, str(root / "original" / wan.DIT_WEIGHTS))
     (root / "original" / "config.json").write_text(wan_config_json())
-    save_file({rf.SINGLE_FILE_PREFIX + k: v for k, v in wan_state.items()}, str(root / "prefixed.safetensors"))
+    save_file({wan.SINGLE_FILE_PREFIX + k: v for k, v in wan_state.items()}, str(root / "prefixed.safetensors"))
     torch.save(wan_state, root / "weights.pth")
     ref.save_pretrained(root / "diffusers" / "transformer")                       # the repo-root form
     ref.save_pretrained(root / "sharded" / "transformer", max_shard_size="100KB")  # writes an index JSON
-    assert (root / "sharded" / "transformer" / (rf.DIT_WEIGHTS + ".index.json")).is_file()
+    assert (root / "sharded" / "transformer" / (wan.DIT_WEIGHTS + ".index.json")).is_file()
     assert len(list((root / "sharded" / "transformer").glob("*-of-*.safetensors"))) > 1
     return {"original": root / "original", "prefixed file": root / "prefixed.safetensors",
             "pth": root / "weights.pth", "diffusers root": root / "diffusers",
@@ -119,7 +120,7 @@ def ckpts(ref, tmp_path_factory):
                                     "diffusers sharded, transformer/"])
 def test_every_layout_gives_diffusers_output(ckpts, inputs_and_target, layout):
     (x, t, ctx), v_ref = inputs_and_target
-    model = rf.load_wan(ckpts[layout], dtype=torch.float32, **TINY)
+    model = wan.load_wan(ckpts[layout], dtype=torch.float32, **TINY)
     with torch.no_grad():
         err = rel_err(model(x, t, ctx), v_ref)
     print(f"\n{layout}: relative error {err:.2e}")
@@ -127,13 +128,13 @@ def test_every_layout_gives_diffusers_output(ckpts, inputs_and_target, layout):
 
 
 def test_loaded_on_requested_dtype_and_device(ckpts, inputs_and_target):
-    model = rf.load_wan(ckpts["diffusers root"], dtype=torch.bfloat16, device="cpu", **TINY)
+    model = wan.load_wan(ckpts["diffusers root"], dtype=torch.bfloat16, device="cpu", **TINY)
     for name, p in [*model.named_parameters(), *model.named_buffers()]:
         assert not p.is_meta and p.device.type == "cpu", name
-        assert p.dtype == (torch.float32 if rf.keeps_fp32(name) else torch.bfloat16), name
+        assert p.dtype == (torch.float32 if wan.keeps_fp32(name) else torch.bfloat16), name
     assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in model.parameters())
-    assert rf.keeps_fp32("blocks.0.norm3.weight") and rf.keeps_fp32("time_projection.1.weight")
-    assert not rf.keeps_fp32("blocks.0.self_attn.q.weight")
+    assert wan.keeps_fp32("blocks.0.norm3.weight") and wan.keeps_fp32("time_projection.1.weight")
+    assert not wan.keeps_fp32("blocks.0.self_attn.q.weight")
     # the bf16 model runs under autocast (its fp32 islands stay fp32) and is close to diffusers' fp32 output
     (x, t, ctx), v_ref = inputs_and_target
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -153,14 +154,14 @@ def test_wrong_keys_and_shapes_are_named(tmp_path):
     state["blocks.1.ffn.0.weight"] = torch.zeros(100, TINY["dim"])                           # wrong shape
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError) as e:
-        rf.load_wan(tmp_path / "bad.safetensors", **TINY)
+        wan.load_wan(tmp_path / "bad.safetensors", **TINY)
     msg = one_line(e)
     assert "missing blocks.0.self_attn.q.weight, head.head.bias" in msg
     assert "unexpected blocks.0.self_attn.query.weight, blocks.1.extra.weight" in msg
     assert "wrong shape blocks.1.ffn.0.weight: checkpoint (100, 64) vs model (128, 64)" in msg
     # the full-size preset against tiny weights: every block past 1 missing, counted, not listed
     with pytest.raises(ValueError, match=r"more\)"):
-        rf.load_wan(tmp_path / "bad.safetensors")
+        wan.load_wan(tmp_path / "bad.safetensors")
 
 
 def test_config_that_disagrees_is_named(ckpts, tmp_path):
@@ -171,20 +172,20 @@ def test_config_that_disagrees_is_named(ckpts, tmp_path):
 
     bad = copy(ckpts["original"], tmp_path / "wan", wan_config_json(num_layers=3))
     with pytest.raises(ValueError) as e:
-        rf.load_wan(bad, **TINY)
+        wan.load_wan(bad, **TINY)
     assert "num_layers=3" in one_line(e) and "num_layers=2" in one_line(e)
     i2v = copy(ckpts["original"], tmp_path / "i2v", wan_config_json(model_type="i2v"))
     with pytest.raises(ValueError, match="model_type='i2v'"):
-        rf.load_wan(i2v, **TINY)
+        wan.load_wan(i2v, **TINY)
     dif = ckpts["diffusers root"] / "transformer"
     raw = json.loads((dif / "config.json").read_text())
     bad = copy(dif, tmp_path / "dif", json.dumps({**raw, "num_attention_heads": 4, "attention_head_dim": 16}))
     with pytest.raises(ValueError) as e:
-        rf.load_wan(bad, **TINY)
+        wan.load_wan(bad, **TINY)
     assert "num_attention_heads=4" in one_line(e) and "attention_head_dim=16" in one_line(e)
     # the preset itself (no overrides) against the tiny config: named before any tensor is read
     with pytest.raises(ValueError, match="num_layers=2 .model: num_layers=30"):
-        rf.load_wan(ckpts["original"])
+        wan.load_wan(ckpts["original"])
 
 
 def test_missing_shard_and_bad_paths(ckpts, tmp_path):
@@ -192,17 +193,17 @@ def test_missing_shard_and_bad_paths(ckpts, tmp_path):
     gone = sorted(sharded.glob("*-of-*.safetensors"))[1]
     gone.unlink()
     with pytest.raises(FileNotFoundError, match=gone.name):
-        rf.load_wan(sharded, **TINY)
+        wan.load_wan(sharded, **TINY)
     with pytest.raises(FileNotFoundError, match="no DiT weights"):
-        rf.load_wan(tmp_path, **TINY)
+        wan.load_wan(tmp_path, **TINY)
     with pytest.raises(FileNotFoundError, match="not a hub repo id"):
-        rf.load_wan(tmp_path / "no" / "such" / "folder", **TINY)
+        wan.load_wan(tmp_path / "no" / "such" / "folder", **TINY)
 
 
 def test_quantised_file_is_refused(tmp_path):
     save_file({"head.head.weight": torch.zeros(2, 2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "fp8.safetensors"))
     with pytest.raises(ValueError) as e:
-        rf.load_wan(tmp_path / "fp8.safetensors", **TINY)
+        wan.load_wan(tmp_path / "fp8.safetensors", **TINY)
     assert "F8_E4M3" in one_line(e) and "quantised" in one_line(e)       # safetensors' name of the dtype
 
 
@@ -213,7 +214,7 @@ class NotATensor:
 def test_pth_is_never_unpickled(tmp_path):
     torch.save({"head.head.weight": torch.zeros(1), "evil": NotATensor()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError) as e:
-        rf.load_wan(tmp_path / "evil.pth", **TINY)
+        wan.load_wan(tmp_path / "evil.pth", **TINY)
     assert "weights_only=True" in one_line(e)
 
 
@@ -229,7 +230,7 @@ def test_hub_id_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError) as e:
-        rf.load_wan("rf-tests/no-such-wan", **TINY)        # a made-up id: never in anyone's cache
+        wan.load_wan("rf-tests/no-such-wan", **TINY)        # a made-up id: never in anyone's cache
     msg = one_line(e)
     assert "could not reach the Hugging Face Hub" in msg and "HF_HUB_OFFLINE" in msg
     assert "hf download rf-tests/no-such-wan" in msg and "load_wan('no-such-wan')" in msg
@@ -239,7 +240,7 @@ def test_hub_id_offline_is_one_clear_line(monkeypatch):
 # --- the memory report ------------------------------------------------------------------------------------------
 
 def test_memory_report_on_the_real_size():
-    report = rf.wan_memory_report()
+    report = wan.wan_memory_report()
     print("\n" + report)
     assert "1,418,996,800 parameters in 825 tensors" in report
     for section in ("key layouts", "weights", "sampling", "KV cache", "training", "AdamW",
@@ -250,7 +251,7 @@ def test_memory_report_on_the_real_size():
 
 
 def test_saved_bytes_formula_matches_autograd():
-    """rf.saved_bytes_per_token against the bytes one Block's autograd graph really keeps, per token, under bf16
+    """wan.saved_bytes_per_token against the bytes one Block's autograd graph really keeps, per token, under bf16
     autocast (fused attention: no L x L scores). Two lengths, so constant tensors (bf16 weight casts) cancel."""
     cfg = rf.preset("wan2.1-t2v-1.3b", **{**TINY, "dim": 128, "ffn_dim": 320})
     block = rf.Block(cfg)
@@ -273,5 +274,5 @@ def test_saved_bytes_formula_matches_autograd():
         return sum(storages.values())
 
     per_token = (saved_bytes(6) - saved_bytes(3)) / (3 * 16)
-    ratio = per_token / rf.saved_bytes_per_token(cfg)
-    assert 0.9 < ratio < 1.1, (per_token, rf.saved_bytes_per_token(cfg))
+    ratio = per_token / wan.saved_bytes_per_token(cfg)
+    assert 0.9 < ratio < 1.1, (per_token, wan.saved_bytes_per_token(cfg))

@@ -1,7 +1,7 @@
 """Wan2.1 parity against an independent implementation: diffusers' WanTransformer3DModel.
 
 A tiny diffusers model gets random values in EVERY parameter (modulation tables, norms, proj_out included), its
-state dict is renamed to Wan's key names with rf.diffusers_to_wan_key (shared/notes/wan.md section 5, in reverse)
+state dict is renamed to Wan's key names with wan.diffusers_to_wan_key (shared/notes/wan.md section 5, in reverse)
 and loaded into rf.DiT with load_state_strict. With one chunk covering all frames, rf's forward is bidirectional like
 Wan's, so both must give the same velocity in fp32:
     rf:        x (B, F, C, H, W), t (B, F) in [0, 1] (x1000 inside), context (B, Lt, text_dim) (zero-padded inside)
@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoints
 import rf
+import wan
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -25,9 +27,9 @@ B, NF, H, W, LT = 2, 3, 8, 8, 5          # 3 frames of 4x4 tokens; 5 real text t
 S = (H // PATCH[1]) * (W // PATCH[2])
 
 def diffusers_to_wan(state):
-    """rf's rename (rf.diffusers_to_wan_key); test_key_mapping_covers_every_key checks it independently: the renamed
+    """rf's rename (wan.diffusers_to_wan_key); test_key_mapping_covers_every_key checks it independently: the renamed
     keys must be exactly our DiT's, with the same shapes, and the forward must then agree with diffusers'."""
-    out = {rf.diffusers_to_wan_key(k): v for k, v in state.items()}
+    out = {wan.diffusers_to_wan_key(k): v for k, v in state.items()}
     assert len(out) == len(state), "two diffusers keys mapped to one Wan key"
     return out
 
@@ -54,7 +56,7 @@ def models():
                     text_len=TEXT_LEN, text_dim=TEXT_DIM, in_dim=CH, out_dim=CH, patch_size=PATCH,
                     frames_per_chunk=NF, frame_size=(H, W))
     ours = rf.DiT(cfg).eval()
-    rf.load_state_strict(ours, diffusers_to_wan(ref.state_dict()), what="converted diffusers weights")
+    checkpoints.load_state_strict(ours, diffusers_to_wan(ref.state_dict()), what="converted diffusers weights")
     return ref, ours
 
 
@@ -104,7 +106,7 @@ def test_parity_same_t(models):
     v_ref = run_diffusers(ref, x, 1000 * tb, ctx)
     assert rel_err(run_diffusers(ref, x, 1000 * tb, ctx, pad=False), v_ref) > 1e-3
     assert rel_err(run_diffusers(ref, x, tb, ctx), v_ref) > 1e-3
-    causal = rf.DiT(rf.Config(**{**rf.config_to_dict(ours.cfg), "frames_per_chunk": 1})).eval()
+    causal = rf.DiT(rf.Config(**{**checkpoints.config_to_dict(ours.cfg), "frames_per_chunk": 1})).eval()
     causal.load_state_dict(ours.state_dict())
     assert rel_err(causal(x, tb[:, None].expand(B, NF), ctx), v_ref) > 1e-3
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rf
+import wan
 import sample
 import train
 
@@ -38,7 +39,7 @@ def wan_root(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     root = tmp_path_factory.mktemp("wan_tiny")
     torch.manual_seed(0)
-    dit = diffusers.WanTransformer3DModel(**rf.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY)))
+    dit = diffusers.WanTransformer3DModel(**wan.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY)))
     with torch.no_grad():
         dit.proj_out.weight.normal_(0, 0.1)     # a non-zero head, so the video depends on every part
     dit.save_pretrained(root / "transformer")
@@ -64,21 +65,21 @@ def read_mp4(path):
 # --- the pieces --------------------------------------------------------------------------------------------------
 
 def test_text_features_are_trimmed_and_zero_padded(wan_root):
-    tokenizer, encoder = rf.load_wan_text_encoder(wan_root)
+    tokenizer, encoder = wan.load_wan_text_encoder(wan_root)
     prompts = ["a red cat", "  blue dog &amp; walks   on the beach "]      # Wan tidies spaces and HTML entities
-    context, length = rf.encode_prompts(tokenizer, encoder, prompts, TINY["text_len"])
+    context, length = wan.encode_prompts(tokenizer, encoder, prompts, TINY["text_len"])
     assert context.shape == (2, TINY["text_len"], TINY["text_dim"]) and context.dtype == torch.float32
     assert length.tolist() == [4, 8]                                      # the words + EOS (& is an unknown word)
     for row, n in zip(context, length):
         assert (row[n:] == 0).all() and (row[:n].abs().sum(-1) > 0).all()
-    alone, _ = rf.encode_prompts(tokenizer, encoder, ["a red cat"], 4)     # no padding at all: the same features
+    alone, _ = wan.encode_prompts(tokenizer, encoder, ["a red cat"], 4)     # no padding at all: the same features
     torch.testing.assert_close(context[0, :4], alone[0], rtol=1e-5, atol=1e-6)
 
 
 def test_vae_latents_use_wan_mean_and_std(wan_root):
-    vae = rf.load_wan_vae(wan_root)
+    vae = wan.load_wan_vae(wan_root)
     video = torch.rand(1, 9, 3, 32, 32) * 2 - 1                                        # (B, T, 3, H, W)
-    z = rf.vae_encode(vae, video)
+    z = wan.vae_encode(vae, video)
     assert z.shape == (1, 3, 4, 4, 4)                                                   # 1 + 8/4 latent frames
     mu = vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist.mean.permute(0, 2, 1, 3, 4)
     want = (mu - torch.tensor(MEAN).view(1, 1, 4, 1, 1)) / torch.tensor(STD).view(1, 1, 4, 1, 1)
@@ -86,9 +87,9 @@ def test_vae_latents_use_wan_mean_and_std(wan_root):
 
 
 def test_chunked_decode_equals_whole_decode(wan_root):
-    vae = rf.load_wan_vae(wan_root)
+    vae = wan.load_wan_vae(wan_root)
     latents = torch.randn(2, 6, 4, 4, 4)                                               # 6 latent frames
-    pieces = list(rf.vae_decode_chunks(vae, latents))
+    pieces = list(wan.vae_decode_chunks(vae, latents))
     assert [p.shape[1] for p in pieces] == [1, 4, 4, 4, 4, 4]                           # 1 + 4k video frames
     z = latents * torch.tensor(STD).view(1, 1, 4, 1, 1) + torch.tensor(MEAN).view(1, 1, 4, 1, 1)
     with torch.no_grad():
@@ -98,23 +99,23 @@ def test_chunked_decode_equals_whole_decode(wan_root):
 
 
 def test_frame_counts_are_1_plus_4k_in_whole_chunks():
-    assert rf.latent_frames(81, 3) == 21 and rf.latent_frames(9, 3) == 3 and rf.latent_frames(5, 1) == 2
+    assert wan.latent_frames(81, 3) == 21 and wan.latent_frames(9, 3) == 3 and wan.latent_frames(5, 1) == 2
     for frames, near in [(80, 81), (13, 9), (1, 9)]:
         with pytest.raises(ValueError) as e:
-            rf.latent_frames(frames, 3)
+            wan.latent_frames(frames, 3)
         assert "1 + 4k" in one_line(e.value) and f"use {near}" in str(e.value)
 
 
 def test_missing_parts_are_one_line_errors(wan_root, tmp_path, monkeypatch):
     (tmp_path / "transformer").mkdir()
     with pytest.raises(FileNotFoundError) as e:
-        rf.wan_part(tmp_path, "vae")
-    assert "no vae/ folder" in one_line(e.value) and rf.WAN_PARTS_REPO in str(e.value)
-    assert rf.wan_part(wan_root / "vae", "vae") == wan_root / "vae"                    # the part's own folder
+        wan.wan_part(tmp_path, "vae")
+    assert "no vae/ folder" in one_line(e.value) and wan.WAN_PARTS_REPO in str(e.value)
+    assert wan.wan_part(wan_root / "vae", "vae") == wan_root / "vae"                    # the part's own folder
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pytest.importorskip("huggingface_hub")
     with pytest.raises(ConnectionError) as e:
-        rf.wan_part("rf-tests/no-such-wan", "text_encoder")
+        wan.wan_part("rf-tests/no-such-wan", "text_encoder")
     assert "--include 'text_encoder/*'" in one_line(e.value)
 
 

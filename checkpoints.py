@@ -1,0 +1,125 @@
+"""
+checkpoints.py -- self-describing checkpoints: safetensors for the weights, meta.json for everything else.
+
+A checkpoint is a folder: one `{group}.safetensors` per group of tensors (dit, text_encoder, their EMAs, the
+optimizer) and `meta.json` (config, vocabulary, training state). Nothing is pickled, so loading never runs code.
+load_models rebuilds the toy's models from such a folder alone.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+import torch.nn as nn
+
+from rf import CaptionEncoder, Config, DiT
+
+
+def save_checkpoint(path, tensors: dict, meta: dict):
+    """Write a self-describing checkpoint folder: `{name}.safetensors` for each group of tensors and meta.json
+    (config, training state). Written under a temporary name and renamed into place, so a crash mid-save never
+    leaves a half-written checkpoint under the real name."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, group in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    for f in tmp.iterdir():                                   # on disk before the rename makes it visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint folder -> (meta dict, {group name: {key: tensor}}). Never unpickles anything."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} (expected {path}/meta.json): pass a folder written by "
+                                f"train.py (e.g. runs/toy/latest after python train.py) or a shipped one "
+                                f"(checkpoints/toy_tf, checkpoints/toy_ar_s0.6)")
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); use an earlier one") from None
+    return meta, tensors
+
+
+def check_state_keys(own: dict, state: dict, what="weights",
+                     hint="Build the model with the config saved next to these weights."):
+    """own, state: {key: shape} of the model and of the weights. A ValueError names every missing, unexpected or
+    mis-shaped key. Shapes only, so a model on the meta device and unread file headers can be checked."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k])} vs model {tuple(own[k])}"
+              for k in own if k in state and tuple(state[k]) != tuple(own[k])]
+    if missing or unexpected or shapes:
+        def few(xs):
+            return ", ".join(xs[:5]) + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+        problems = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
+                    f"wrong shape {few(shapes)}" if shapes else ""]
+        raise ValueError(f"{what} do not match the model: " + "; ".join(p for p in problems if p) + ". " + hint)
+
+
+def load_state_strict(module: nn.Module, state: dict, what="weights"):
+    """load_state_dict(strict=True) with an error that names every missing, unexpected or mis-shaped key."""
+    check_state_keys({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in state.items()},
+                     what)
+    module.load_state_dict(state, strict=True)
+
+
+def config_from_dict(d: dict) -> Config:
+    names = {f.name for f in fields(Config)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}: this checkpoint was written by a different version of rf.py")
+    return Config(**d)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return asdict(cfg)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint -> models
+# ----------------------------------------------------------------------------------------------------------------
+
+# The only model options a checkpoint's config lets a caller change: how the history is degraded and routed. They
+# hold no weights, so a run may branch into a new stage (the evidence experiment trains every method from one shared
+# teacher-forcing warm-up), and sampling may route differently from training.
+ROUTING_FIELDS = ("top_k", "window", "sink")
+STAGE_FIELDS = ("degrade", "resample_shift", "resample_steps", "noise_aug_max") + ROUTING_FIELDS
+
+
+def checkpoint_config(saved: dict, overrides: dict, allowed, what) -> Config:
+    """The config a checkpoint saved, with the options in `allowed` as given now. Any other option given that
+    differs from the saved value is a ValueError (one line); `what` names the caller."""
+    cfg = config_from_dict(saved)                          # JSON lists back to tuples, so they compare as given
+    clash = {k: v for k, v in overrides.items() if k not in allowed and getattr(cfg, k) != v}
+    if clash:
+        raise ValueError(f"{what} uses the checkpoint's config; only {', '.join(allowed)} may change: {clash}")
+    return replace(cfg, **{k: v for k, v in overrides.items() if k in allowed})
+
+
+def load_models(path, ema=True, device="cpu", overrides=None):
+    """A toy checkpoint folder -> (dit, text_encoder, meta), in eval mode, rebuilt from the folder alone.
+    ema: the EMA weights (what sampling uses) or the online ones. overrides: routing options to change."""
+    meta, tensors = load_checkpoint(path)
+    cfg = checkpoint_config(meta["config"], overrides or {}, ROUTING_FIELDS, f"sampling {path}")
+    suffix = "_ema" if ema else ""
+    dit, text_encoder = DiT(cfg), CaptionEncoder(len(meta["vocab"]), cfg.text_dim, cfg.text_len)
+    for name, module in (("dit", dit), ("text_encoder", text_encoder)):
+        if name + suffix not in tensors:
+            raise ValueError(f"{path} has no {name + suffix}.safetensors" + (" (try --no-ema)" if ema else ""))
+        load_state_strict(module, tensors[name + suffix], f"{path}/{name + suffix}.safetensors")
+    return dit.to(device).eval(), text_encoder.to(device).eval(), meta

@@ -1,0 +1,175 @@
+"""
+kernels.py -- the tuned attention paths behind rf.py's attention calls.
+
+rf.py defines what every attention computes, readably: one mask rule, the router, and the paper's two-branch
+attention (own chunk + chosen history chunks, merged through their log-sum-exps). This module computes the same
+numbers faster or in less memory, and tests/test_routing.py proves each path equal to rf.py's reference:
+
+    two_branches     both branches of routed attention: the history branch grouped by key block and cut into
+                     tiles (one batched matmul), every score in bounded slabs (checkpointed under autograd), and
+                     on a CPU without autograd SDPA's fused kernel, which also returns the log-sum-exp
+    flex_attention   torch's flex_attention, compiled once on CUDA, with BlockMasks from a compiled
+                     create_block_mask (block_mask)
+
+It imports only torch: rf.py hands it tensors and mask functions, never the other way round.
+"""
+
+from functools import lru_cache
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+from torch.utils.checkpoint import checkpoint
+
+# SDPA's fused CPU kernel, which also returns the LSE (see attention_lse); a private op, so None if a torch lacks it
+_FUSED_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+MAX_TILE = 1024     # most queries per tile in the two-branch history matmul (see history_branch)
+TILE_OVERHEAD = 32  # the fixed cost of a tile, in query rows (measured on a CPU; see tile_size)
+SLAB_SCORES = 2**26  # most attention scores a two-branch call holds at once (256 MB in fp32; see in_slabs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flex_attention on CUDA
+# ----------------------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def compiled(fn, **options):
+    """torch.compile(fn, **options), made once. Only the CUDA fast paths use it."""
+    return torch.compile(fn, **options)
+
+
+def block_mask(mask_mod, B, H, Lq, Lk, device: str):
+    """create_block_mask, compiled on CUDA. Eager, it evaluates mask_mod on the whole (Lq, Lk) grid at once: 6.2 GB
+    at 25k tokens (measured on a CPU), so some 35 GB at the 61k tokens of Wan's two-stream training forward.
+    Compiled, mask_mod is fused into the per-block reduction (0.4 GB there), and the blocks come out the same."""
+    return (compiled(create_block_mask) if device.startswith("cuda") else create_block_mask)(
+        mask_mod, B, H, Lq, Lk, device=device)
+
+
+def flex_attention(q, k, v, mask):
+    """flex_attention with a BlockMask; q, k, v: (B, nh, L, hd). Compiled on CUDA (eager flex is a slow reference)."""
+    return (compiled(_flex_attention, dynamic=False) if q.is_cuda else _flex_attention)(q, k, v, block_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two branches of routed attention, tiled and slabbed
+# ----------------------------------------------------------------------------------------------------------------
+# Letters as in rf.py; Nh history chunks of T tokens each; P selected (query, chunk) pairs.
+
+def two_branches(q, k, v, selected, chunk_tokens):
+    """rf.two_branch_attention's two branches, (o, lse) each with o (B, nh, Lq, hd) fp32 and lse (B, nh, Lq).
+
+    q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
+    T, (B, Lq, nh, _), Nh = chunk_tokens, q.shape, selected.shape[-1]
+
+    def own_chunks(x):      # the queries are whole chunks at the end of the keys, their own keys at the same places
+        return x.transpose(1, 2)[:, :, x.shape[1] - Lq:].reshape(-1, T, x.shape[-1])    # (B nh Lq / T, T, hd)
+
+    o_own, l_own = in_slabs(attention_lse, SLAB_SCORES // T**2, *(own_chunks(x) for x in (q, k, v)))
+    own = o_own.float().view(B, nh, Lq, -1), l_own.view(B, nh, Lq)
+    return own, history_branch(q, k[:, :Nh * T], v[:, :Nh * T], selected)
+
+
+def attention_lse(q, k, v):
+    """rf.attention_lse without a mask, in less memory: on a CPU without autograd SDPA's fused kernel (it returns
+    the LSE too, but has no gradient for it), otherwise the plain steps with the score matrix updated in place.
+    q: (..., Lq, hd); k, v: (..., Lk, hd) -> o (..., Lq, hd), lse (..., Lq) in fp32."""
+    fits_fused = _FUSED_CPU is not None and q.dtype == k.dtype == v.dtype and q.shape[-1] == v.shape[-1]
+    if q.device.type == "cpu" and not torch.is_grad_enabled() and fits_fused:
+        o, lse = _FUSED_CPU(*(x.reshape(-1, 1, *x.shape[-2:]) for x in (q, k, v)))
+        return o.view(*q.shape[:-1], -1), lse.view(q.shape[:-1])
+    s = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()                     # (..., Lq, Lk)
+    top = s.amax(-1, keepdim=True).detach()                    # for stability only: the result does not depend on it
+    p = s.sub_(top).exp_()                                     # in place: the score matrix is the big tensor here
+    total = p.sum(-1, keepdim=True)                                                   # (..., Lq, 1)
+    return (p.to(v.dtype) @ v) / total, (top + total.log()).squeeze(-1)
+
+
+def history_branch(q, k, v, selected):
+    """Each query against the history chunks it selected and nothing else. q: (B, Lq, nh, hd); k, v: (B, Nh T, nh,
+    hd); selected: (B, nh, Lq, Nh) -> o (B, nh, Lq, hd), lse (B, nh, Lq); lse = -inf where nothing was selected.
+
+    The P selected (query, chunk) pairs are grouped by the key block they read, (b, h, j), and cut into tiles of at
+    most `tile` queries (tile_size): each tile is one small dense attention, its queries against the T keys of its
+    block, all tiles in one batched call. Scores and compute scale with P, not with Nh; what does grow with Nh is
+    the copy of every block some query chose (per-token routing leaves few unchosen)."""
+    B, Lq, nh, hd = q.shape
+    b, h, j, i = selected.transpose(2, 3).nonzero(as_tuple=True)                      # (P,) each, sorted by (b, h, j)
+    if len(i) == 0:
+        return (q.new_zeros(B, nh, Lq, v.shape[-1], dtype=torch.float),
+                q.new_full((B, nh, Lq), -torch.inf, dtype=torch.float))
+    Nh = selected.shape[-1]
+    T = k.shape[1] // Nh
+    group = (b * nh + h) * Nh + j                                                     # (P,) the key block it reads
+    tile = tile_size(torch.bincount(group))
+    pair_tile, slot, tile_group = tile_pairs(group, B * nh * Nh, tile)
+    n = len(tile_group)
+    row = pair_tile * tile + slot                                                     # (P,) row among the tiles' rows
+    # gathers are index_select on tables of hd-wide rows (several times faster on a CPU than advanced indexing)
+    qt = q.new_zeros(n * tile, hd).index_copy_(0, row, q.reshape(-1, hd).index_select(0, (b * Lq + i) * nh + h))
+    tb, th, tj = tile_group // (nh * Nh), tile_group // Nh % nh, tile_group % Nh      # (n,) each tile's key block
+    key_row = (tj[:, None] * T + torch.arange(T, device=q.device)) * nh + th[:, None]  # (n, T) rows of k[tb]
+
+    def tiles(qt, tb, key_row):                 # some tiles' queries against their blocks' keys, gathered here
+        return attention_lse(qt, gather_rows(k, tb, key_row), gather_rows(v, tb, key_row))
+
+    o_t, l_t = in_slabs(tiles, SLAB_SCORES // (tile * T), qt.view(n, tile, hd), tb, key_row)  # (n, tile, hd / -)
+    o, lse = merge_lse_many(o_t.flatten(0, 1).index_select(0, row), l_t.flatten().index_select(0, row),
+                            (b * nh + h) * Lq + i, B * nh * Lq)
+    return o.view(B, nh, Lq, -1), lse.view(B, nh, Lq)
+
+
+def merge_lse_many(o, lse, index, n):
+    """rf.merge_lse over many branches at once: row p of o (P, hd), lse (P,) is one branch of output index[p].
+    -> o (n, hd), lse (n,); an output with no branch gets o = 0, lse = -inf (so it weighs 0 in a merge)."""
+    top = lse.new_full((n,), -torch.inf).scatter_reduce(0, index, lse.detach(), "amax")  # (n,) max per output
+    w = torch.exp(lse - top[index])                                                   # (P,) in (0, 1]
+    total = w.new_zeros(n).index_add(0, index, w).clamp(min=1e-30)                    # (n,) clamp: no 0/0
+    out = o.new_zeros(n, o.shape[-1], dtype=w.dtype).index_add(0, index, w[:, None] * o.float())
+    return out / total[:, None], top + total.log()
+
+
+def tile_pairs(group, num_groups, tile):
+    """Cut pairs sorted by group (P,) into tiles of at most `tile` pairs, never mixing groups.
+    -> tile of each pair (P,), its slot in the tile (P,), group of each tile (n_tiles,)."""
+    count = torch.bincount(group, minlength=num_groups)                              # (G,) pairs per group
+    rank = torch.arange(len(group), device=group.device) - (count.cumsum(0) - count)[group]  # (P,) place in group
+    tiles = (count + tile - 1) // tile                                                # (G,) tiles per group
+    pair_tile = (tiles.cumsum(0) - tiles)[group] + rank // tile
+    return pair_tile, rank % tile, torch.repeat_interleave(torch.arange(num_groups, device=group.device), tiles)
+
+
+def tile_size(count):
+    """Queries per tile for groups of count (G,) queries. Every tile costs its padded rows plus a fixed overhead (the
+    copy of its key block, the call): of the multiples of 16 up to MAX_TILE, take the size with the least total."""
+    size = torch.arange(16, MAX_TILE + 1, 16, device=count.device)                   # (S,) candidates
+    tiles = ((count[:, None] + size - 1) // size).sum(0)                             # (S,) tiles needed at each size
+    return size[(tiles * (size + TILE_OVERHEAD)).argmin()].item()
+
+
+def gather_rows(x, tb, rows):
+    """x: (B, L, nh, hd); tb: (n,) batch index; rows: (n, R) rows of x[tb] seen as an (L nh, hd) table -> (n, R, hd).
+
+    One index_select on a view of x's rows, without copying x. Where x is a slice of the KV cache's buffer, batch
+    b's rows start x.stride(0) / hd rows after batch b - 1's (not L nh): the view spans the unused rows between
+    batches too, and the index never points at them."""
+    B, L, nh, hd = x.shape
+    if x.stride()[1:] != (nh * hd, hd, 1) or x.stride(0) % hd:
+        x = x.contiguous()                                     # rows not on that grid (e.g. an expanded tensor)
+    sB = x.stride(0) // hd
+    table = x.as_strided(((B - 1) * sB + L * nh, hd), (hd, 1))
+    return table.index_select(0, (tb[:, None] * sB + rows).flatten()).view(*rows.shape, hd)
+
+
+def in_slabs(fn, per_slab, *xs):
+    """fn(*xs), run on slabs of per_slab rows of every x (dim 0) and concatenated, so that its temporaries (the
+    attention scores) stay bounded: at Wan's size all of them at once would take tens of GB per layer. With
+    autograd each slab is checkpointed: backward recomputes its scores one slab at a time instead of keeping all."""
+    n, per_slab = len(xs[0]), max(1, per_slab)
+    if n <= per_slab:
+        return fn(*xs)
+    parts = []
+    for lo in range(0, n, per_slab):
+        slab = [x[lo:lo + per_slab] for x in xs]
+        parts.append(checkpoint(fn, *slab, use_reentrant=False) if torch.is_grad_enabled() else fn(*slab))
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
