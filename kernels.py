@@ -10,6 +10,9 @@ numbers faster or in less memory, and tests/test_routing.py proves each path equ
                      on a CPU without autograd SDPA's fused kernel, which also returns the log-sum-exp
     flex_attention   torch's flex_attention, compiled once on CUDA, with BlockMasks from a compiled
                      create_block_mask (block_mask)
+    varlen_branches  the same two branches through a varlen kernel that returns the LSE (the paper's fast path):
+                     torch's varlen_attn or flash-attn's flash_attn_varlen_func, CUDA only (attn_backend varlen |
+                     flash); tests/test_varlen.py proves the packing and merge with a CPU stand-in of the kernel
 
 It imports only torch: rf.py hands it tensors and mask functions, never the other way round.
 """
@@ -173,3 +176,161 @@ def in_slabs(fn, per_slab, *xs):
         slab = [x[lo:lo + per_slab] for x in xs]
         parts.append(checkpoint(fn, *slab, use_reentrant=False) if torch.is_grad_enabled() else fn(*slab))
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two branches through a varlen kernel (the paper's fast path)
+# ----------------------------------------------------------------------------------------------------------------
+# A varlen kernel runs many independent attentions of different lengths in one call: the queries of all of them
+# packed into one (total_q, H, hd) tensor, their keys into one (total_k, H, hd) tensor, and the cumulative
+# sequence lengths cu_q, cu_k (N + 1,) saying where sequence n's rows start and end. Routed attention fits it:
+#   own chunk    each (batch, chunk) is a sequence of T queries against its own T keys (all nh heads at once)
+#   history      each key block (batch, head, history chunk j) is a sequence: the queries that chose chunk j
+#                against chunk j's T keys (one head per sequence, so H = 1)
+# A query that chose k chunks is in k history sequences; merge_lse_many folds its k outputs into one, and
+# rf.merge_lse then folds in the own chunk. Both kernels return the LSE, but neither backpropagates through it
+# (their backward ignores the LSE's gradient): lse_with_grad adds that term (see there).
+#
+# The kernels take the signature of torch.nn.attention.varlen.varlen_attn as found in PyTorch 2.10 to 2.13:
+#   varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=AuxRequest(lse=True), ...)
+#   -> out (total_q, H, hd), lse; lse comes out (H, total_q) from the op although the docstring says (total_q, H),
+#   so lse_heads_first accepts both. PyTorch 2.9 and older have no varlen module. Flash-attn's
+#   flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, return_attn_probs=True)
+#   -> (out, softmax_lse (H, total_q), _) is wrapped to look the same (flash_varlen). Both need CUDA and fp16/bf16.
+
+def torch_varlen(fn=None):
+    """torch's varlen_attn (or fn, a function with its signature: tests pass a CPU stand-in) as a kernel
+    (q, k, v, cu_q, cu_k, max_q, max_k) -> (out, lse). Imported here, not at the top: torch < 2.10 lacks it."""
+    try:
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn
+    except ImportError as e:
+        raise RuntimeError(f"attn_backend='varlen' needs torch.nn.attention.varlen.varlen_attn (PyTorch 2.10 or "
+                           f"later; this is {torch.__version__}): upgrade PyTorch or use attn_backend="
+                           f"'two_branch'") from e
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+        if fn is None:
+            cuda_only("varlen", q)
+        return (fn or varlen_attn)(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=AuxRequest(lse=True))
+    return kernel
+
+
+def flash_varlen():
+    """flash-attn's flash_attn_varlen_func as a kernel (q, k, v, cu_q, cu_k, max_q, max_k) -> (out, lse)."""
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as e:
+        raise RuntimeError("attn_backend='flash' needs flash-attn (pip install flash-attn on a CUDA machine); "
+                           "without it use attn_backend='varlen' (PyTorch's own kernel) or 'two_branch'") from e
+
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k):
+        cuda_only("flash", q)
+        out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True)
+        return out, lse
+    return kernel
+
+
+KERNELS = {"varlen": torch_varlen, "flash": flash_varlen}
+
+
+def cuda_only(name, q):
+    if not q.is_cuda:
+        raise RuntimeError(f"attn_backend={name!r} runs on CUDA only (its kernel is flash attention), these "
+                           f"tensors are on {q.device.type}: use attn_backend='two_branch' there")
+
+
+def varlen_backend(name):
+    """rf.two_branch_attention's `branches` for attn_backend `name` (varlen | flash), or a clear error."""
+    kernel = KERNELS[name]()
+
+    def branches(q, k, v, selected, chunk_tokens):
+        return varlen_branches(q, k, v, selected, chunk_tokens, kernel)
+    return branches
+
+
+def lse_heads_first(lse, H, total):
+    """A kernel's LSE as (H, total) fp32, whether it came out (H, total) or (total, H)."""
+    return (lse if tuple(lse.shape) == (H, total) else lse.transpose(0, 1)).float()
+
+
+class _LSEGrad(torch.autograd.Function):
+    """Identity on a kernel's LSE (H, total_q) whose backward adds what the kernel's own backward leaves out.
+
+    lse_i = log sum_j exp(s_ij), s_ij = scale q_i . k_j, so with g = dLoss/dlse:
+        dq_i += scale g_i sum_j p_ij k_j      (= scale g_i times attention with the keys as values)
+        dk_j += scale sum_i g_i p_ij q_i      (= the value gradient of that attention for output gradient scale g q)
+    Both come from one more call of the kernel (forward and its backward), with the same sequences."""
+
+    @staticmethod
+    def forward(ctx, lse, q, k, call):
+        ctx.save_for_backward(q, k)
+        ctx.call = call
+        return lse.clone()
+
+    @staticmethod
+    def backward(ctx, g):                                                             # g: (H, total_q)
+        q, k = ctx.saved_tensors
+        scale = q.shape[-1] ** -0.5
+        g = scale * g.transpose(0, 1)[..., None]                                      # (total_q, H, 1)
+        with torch.enable_grad():
+            keys_as_values = k.detach().requires_grad_()
+            pk = ctx.call(q.detach(), k.detach(), keys_as_values)                      # (total_q, H, hd)
+            dk, = torch.autograd.grad(pk, keys_as_values, (g * q.float()).to(pk.dtype))
+        return None, (g * pk.float()).to(q.dtype), dk, None
+
+
+def lse_kernel_call(kernel, q, k, v, cu_q, cu_k, max_q, max_k):
+    """One kernel call -> out (total_q, H, hd), lse (H, total_q) fp32, differentiable in both."""
+    out, lse = kernel(q, k, v, cu_q, cu_k, max_q, max_k)
+    lse = lse_heads_first(lse.detach(), q.shape[1], q.shape[0])
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        lse = _LSEGrad.apply(lse, q, k, lambda q, k, v: kernel(q, k, v, cu_q, cu_k, max_q, max_k)[0])
+    return out, lse
+
+
+def varlen_branches(q, k, v, selected, chunk_tokens, kernel):
+    """kernels.two_branches computed by a varlen kernel: ((o, lse) own chunk, (o, lse) history), o (B, nh, Lq, hd)
+    fp32, lse (B, nh, Lq). q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks of T tokens;
+    selected: (B, nh, Lq, Nh); kernel: (q, k, v, cu_q, cu_k, max_q, max_k) -> (out, lse), e.g. torch_varlen()."""
+    T, (B, Lq, nh, hd), Nh = chunk_tokens, q.shape, selected.shape[-1]
+    Lk, dev = k.shape[1], q.device
+
+    # own chunk: B Lq / T sequences of T queries and T keys, nh heads, in the order the tokens already have
+    cu = torch.arange(0, B * Lq + 1, T, device=dev, dtype=torch.int32)                 # (B Lq / T + 1,)
+    own = [x[:, x.shape[1] - Lq:].reshape(B * Lq, nh, -1) for x in (q, k, v)]         # (B Lq, nh, hd)
+    o_own, l_own = lse_kernel_call(kernel, *own, cu, cu, T, T)
+    own = o_own.float().view(B, Lq, nh, -1).transpose(1, 2), l_own.view(nh, B, Lq).transpose(0, 1)
+    return own, varlen_history(q, k[:, :Nh * T], v[:, :Nh * T], selected, T, kernel)
+
+
+def pack_history(selected, Lq, nh, T):
+    """The history branch as varlen sequences. selected: (B, nh, Lq, Nh) ->
+        q_row (P,)    row of each packed query in q seen as a (B Lq nh, hd) table (the pair's query token and head)
+        out_row (P,)  the output it belongs to, (b nh + h) Lq + i, for merge_lse_many
+        block (G,)    each sequence's key block (b nh + h) Nh + j, one sequence per block some query chose
+        cu_q (G + 1,) cumulative query counts; cu_k (G + 1,) cumulative key counts (T each), both int32
+    Pairs are sorted by block, so a sequence's queries are consecutive rows."""
+    B, _, _, Nh = selected.shape
+    b, h, j, i = selected.transpose(2, 3).nonzero(as_tuple=True)                      # (P,) each, sorted by (b, h, j)
+    block, count = torch.unique_consecutive((b * nh + h) * Nh + j, return_counts=True)  # (G,) each
+    zero = count.new_zeros(1)
+    cu_q = torch.cat([zero, count.cumsum(0)]).int()
+    cu_k = (torch.arange(len(block) + 1, device=selected.device) * T).int()
+    return (b * Lq + i) * nh + h, (b * nh + h) * Lq + i, block, cu_q, cu_k
+
+
+def varlen_history(q, k, v, selected, T, kernel):
+    """The history branch through the kernel -> o (B, nh, Lq, hd), lse (B, nh, Lq); -inf where nothing chosen."""
+    B, Lq, nh, hd = q.shape
+    Nh = selected.shape[-1]
+    q_row, out_row, block, cu_q, cu_k = pack_history(selected, Lq, nh, T)
+    if len(q_row) == 0:
+        return (q.new_zeros(B, nh, Lq, v.shape[-1], dtype=torch.float),
+                q.new_full((B, nh, Lq), -torch.inf, dtype=torch.float))
+    qp = q.reshape(-1, hd).index_select(0, q_row)[:, None]                            # (P, 1, hd)
+    kb, kh, kj = block // (nh * Nh), block // Nh % nh, block % Nh                     # (G,) each block's b, h, j
+    key_row = (kj[:, None] * T + torch.arange(T, device=q.device)) * nh + kh[:, None]  # (G, T) rows of k[kb]
+    kp, vp = (gather_rows(x, kb, key_row).flatten(0, 1)[:, None] for x in (k, v))     # (G T, 1, hd)
+    max_q = int((cu_q[1:] - cu_q[:-1]).max())
+    o, lse = lse_kernel_call(kernel, qp, kp, vp, cu_q, cu_k, max_q, T)                # (P, 1, hd), (1, P)
+    o, lse = merge_lse_many(o[:, 0], lse[0], out_row, B * nh * Lq)
+    return o.view(B, nh, Lq, -1), lse.view(B, nh, Lq)

@@ -360,7 +360,8 @@ class Routing:
     top_k: int | None = None
     window: int | None = None
     sink: bool = False
-    backend: str = "two_branch"        # sdpa (the reference: a dense mask) | two_branch | flex
+    backend: str = "two_branch"        # sdpa (the reference: a dense mask) | two_branch | flex | varlen (torch's
+                                       # varlen_attn, CUDA) | flash (flash-attn's varlen kernel, CUDA)
     log: "RoutingLog | None" = None
 
 
@@ -382,6 +383,8 @@ def routed_attention(q, k, v, phi, routing: Routing):
         return two_branch_attention(q, k, v, selected, routing.chunk_tokens, kernels.two_branches)
     if routing.backend == "flex":
         return attention(q, k, v, flex_routed_mask(selected, routing.chunk, routing.stream))
+    if routing.backend in ("varlen", "flash"):
+        return two_branch_attention(q, k, v, selected, routing.chunk_tokens, kernels.varlen_backend(routing.backend))
     return attention(q, k, v, routed_mask(selected, routing.chunk, routing.stream))
 
 
@@ -666,7 +669,8 @@ class DiT(nn.Module):
         self.head = Head(cfg)
         self.grad_checkpointing = False      # recompute each block in backward: far less activation memory
         self.attn_backend = "auto"           # auto (flex on CUDA, SDPA elsewhere) | sdpa | flex, and for routed
-                                             # models two_branch, which auto picks for them on every device
+                                             # models two_branch, which auto picks for them on every device,
+                                             # or varlen | flash (the paper's varlen kernels, CUDA only)
         self.routing_log = None              # a RoutingLog here counts every routing decision (sparsity, Fig. 8)
         self.init_weights()
 
