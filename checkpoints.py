@@ -123,3 +123,55 @@ def load_models(path, ema=True, device="cpu", overrides=None):
             raise ValueError(f"{path} has no {name + suffix}.safetensors" + (" (try --no-ema)" if ema else ""))
         load_state_strict(module, tensors[name + suffix], f"{path}/{name + suffix}.safetensors")
     return dit.to(device).eval(), text_encoder.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a training run's checkpoints: OUT/step_NNNNNNN folders, written atomically; OUT/latest -> the newest
+# ----------------------------------------------------------------------------------------------------------------
+
+def saved_steps(out) -> list:
+    """The run's complete checkpoint folders, oldest first."""
+    return sorted(p for p in Path(out).glob("step_*") if (p / "meta.json").is_file())
+
+
+def save_step(out, step, tensors: dict, meta: dict, keep_last) -> Path:
+    """Save OUT/step_NNNNNNN, point OUT/latest at it, keep only the newest keep_last. Returns its path."""
+    path = Path(out) / f"step_{step:07d}"
+    save_checkpoint(path, tensors, meta)
+    link = Path(out) / "latest.tmp"                  # `latest` -> this one, swapped atomically like the folder
+    link.unlink(missing_ok=True)
+    link.symlink_to(path.name)
+    os.replace(link, Path(out) / "latest")
+    for old in saved_steps(out)[:-keep_last]:
+        shutil.rmtree(old)
+    return path
+
+
+def load_newest(out, say=print):
+    """-> (path, meta, tensors) of the newest checkpoint of a run that loads; a corrupt newer one is skipped, with
+    a line saying so. A ValueError (one line) if none is left."""
+    found = saved_steps(out)
+    if not found:
+        raise ValueError(f"--resume but no checkpoint in {out}: drop --resume to start a new run")
+    for path in reversed(found):
+        try:
+            return (path, *load_checkpoint(path))
+        except ValueError as e:
+            say(f"warning: {str(e).split('; use')[0]}; trying the one before")
+    raise ValueError(f"every checkpoint in {out} is corrupt: start a new run with another --out")
+
+
+def optimizer_tensors(opt):
+    """An optimizer's state as flat tensors ({param id}.{name}) + its param_groups (plain JSON-able data)."""
+    sd = opt.state_dict()
+    tensors = {f"{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt, tensors, param_groups):
+    """The inverse of optimizer_tensors."""
+    state = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})

@@ -56,17 +56,17 @@ ROPE_LEN = 1024  # Wan's RoPE table holds 1024 positions per axis: the longest v
 @dataclass
 class Config:
     # Wan2.1 DiT, with the field names of Wan's config.json
-    dim: int = 1536
-    ffn_dim: int = 8960
-    freq_dim: int = 256
-    num_heads: int = 12
-    num_layers: int = 30
-    text_len: int = 512
-    text_dim: int = 4096
-    in_dim: int = 16
-    out_dim: int = 16
-    patch_size: tuple = (1, 2, 2)
-    eps: float = 1e-6
+    dim: int = 1536                    # model width D
+    ffn_dim: int = 8960                # hidden width of each block's feed-forward layer
+    freq_dim: int = 256                # width of the timestep sinusoid
+    num_heads: int = 12                # attention heads (head width = dim / num_heads)
+    num_layers: int = 30               # DiT blocks
+    text_len: int = 512                # text tokens the cross-attention reads (padded with zeros)
+    text_dim: int = 4096               # width of the text features (umT5: 4096)
+    in_dim: int = 16                   # channels of the model's input frames (Wan: latent channels; toy: RGB)
+    out_dim: int = 16                  # channels of the predicted velocity
+    patch_size: tuple = (1, 2, 2)      # (frames, height, width) per token
+    eps: float = 1e-6                  # epsilon of the norms
     # autoregressive video
     frames_per_chunk: int = 3          # [RF] frames denoised together; attention is causal across chunks
     frame_size: tuple = (60, 104)      # (H, W) the sampler draws by default: 480x832 pixels / 8 (VAE stride)
@@ -76,11 +76,11 @@ class Config:
     resample_steps: int = 1            # Euler steps from t_s down to 0 (paper: 1)
     noise_aug_max: float = 0.1         # "noise" mode: history = x_tau with tau ~ U(0, noise_aug_max)
     train_t: str = "uniform"           # per-chunk training t: uniform | logit_normal, then shifted by train_shift
-    train_shift: float = 1.0
+    train_shift: float = 1.0           # shift s of Eq. 7 applied to the training t (s > 1: more weight near noise)
     # sampling defaults (paper: 32 Euler steps, shift 5, CFG 5)
-    sample_steps: int = 32
-    sample_shift: float = 5.0
-    sample_cfg: float = 5.0
+    sample_steps: int = 32             # Euler steps per chunk
+    sample_shift: float = 5.0          # shift of the sampler's timestep grid
+    sample_cfg: float = 5.0            # classifier-free guidance scale (1 = off)
     # history routing (section 3; the paper turns it on for its last fine-tuning stage with top_k=5)
     top_k: int | None = None           # [RF] each query reads its own chunk + the k best history chunks; None = dense
     window: int | None = None          # ablation: the last `window` history chunks instead of the top k
@@ -102,8 +102,8 @@ class Config:
             raise ValueError("patch_size[0] must be 1: every frame carries its own noise level t")
         if self.degrade not in DEGRADE_MODES:
             raise ValueError(f"degrade={self.degrade!r}: choose one of {DEGRADE_MODES}")
-        if self.train_t not in ("logit_normal", "uniform"):
-            raise ValueError(f"train_t={self.train_t!r}: choose logit_normal or uniform")
+        if self.train_t not in TRAIN_T:
+            raise ValueError(f"train_t={self.train_t!r}: choose one of {TRAIN_T}")
         for name in ("top_k", "window"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1 (None = dense attention)")
@@ -119,6 +119,7 @@ class Config:
 
 
 DEGRADE_MODES = ("none", "noise", "parallel", "autoregressive")
+TRAIN_T = ("uniform", "logit_normal")
 
 PRESETS = {
     # Sized for a 2-core CPU: 16x16 RGB frames (pixels are the "latents"), 4x4 patches -> 16 tokens per frame.

@@ -17,25 +17,22 @@ The latents are saved first (wan_seedN_latents.safetensors); --latents FILE deco
 """
 
 import argparse
-import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import checkpoints
+import cli
+import media
 import rf
 import wan
 from tiny_data import shapes
-from train import (ABOVE_0, AT_LEAST_0, AT_LEAST_1, ROUTING_FIELDS, add_config_options, check_ranges,
-                   checkpoint_config, is_wan, split_config_options)
 
-SAMPLE_RANGES = dict(num=AT_LEAST_1, frames=AT_LEAST_1, prefix_frames=AT_LEAST_0, steps=AT_LEAST_1, shift=ABOVE_0,
-                     cfg=AT_LEAST_0, height=AT_LEAST_1, width=AT_LEAST_1)
+SAMPLE_RANGES = dict(num=cli.AT_LEAST_1, frames=cli.AT_LEAST_1, prefix_frames=cli.AT_LEAST_0, steps=cli.AT_LEAST_1,
+                     shift=cli.ABOVE_0, cfg=cli.AT_LEAST_0, height=cli.AT_LEAST_1, width=cli.AT_LEAST_1)
 
 
 def parse_args(argv=None):
@@ -57,10 +54,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the config's sample_steps)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: sample_shift)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: sample_cfg)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the noise seed (the same seed gives the same video)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--no_cache", action="store_true", help="recompute the history at every step (reference path)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda | cuda:N")
+    p.add_argument("--save_frames", action="store_true",
+                   help="toy: also write the rollouts as arrays, frames.npz: truth and one uint8 (N, T, H, W, 3) "
+                        "array per model, for metrics of your own")
     p.add_argument("--routing_plot", default=None, metavar="PATH",
                    help="save a bar chart (PNG) of how often each history chunk was selected while generating the "
                         "last chunk, like the paper's Fig. 8 (needs a checkpoint with top_k or window routing)")
@@ -78,222 +78,157 @@ def parse_args(argv=None):
                      help="run the text encoder on the CPU, so it never takes GPU memory (slower)")
     group.add_argument("--latents", default=None, metavar="FILE",
                      help="only decode FILE, the latents an earlier run saved (wan_seedN_latents.safetensors)")
-    add_config_options(p)
-    args, overrides = split_config_options(vars(p.parse_args(argv)))
+    cli.add_config_options(p)
+    args, overrides = cli.split_config_options(vars(p.parse_args(argv)))
     return argparse.Namespace(**args), overrides
-
-
-def load_models(ckpt, use_ema, device, overrides=None):
-    """-> (dit, text_encoder, meta), rebuilt from the checkpoint folder alone."""
-    try:
-        meta, tensors = checkpoints.load_checkpoint(ckpt)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    cfg = checkpoint_config(meta["config"], overrides or {}, ROUTING_FIELDS, f"sampling {ckpt}")
-    suffix = "_ema" if use_ema else ""
-    dit = rf.DiT(cfg)
-    text_encoder = rf.CaptionEncoder(len(meta["vocab"]), cfg.text_dim, cfg.text_len)
-    for name, module in (("dit", dit), ("text_encoder", text_encoder)):
-        if name + suffix not in tensors:
-            sys.exit(f"error: {ckpt} has no {name + suffix}.safetensors" + (" (try --no-ema)" if use_ema else ""))
-        try:
-            checkpoints.load_state_strict(module, tensors[name + suffix], f"{ckpt}/{name + suffix}.safetensors")
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-    return dit.to(device).eval(), text_encoder.to(device).eval(), meta
-
-
-def to_uint8(video):
-    """(B, F, 3, H, W) in [-1, 1] -> (B, F, H, W, 3) uint8."""
-    return ((video.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 1, 3, 4, 2).cpu().numpy()
-
-
-def grid_frames(rows, scale=4, gap=2, titles=None):
-    """rows: list of rows, each a list of (F, H, W, 3) uint8 videos side by side. -> (F, H', W', 3): one grid image
-    per frame, upscaled by nearest neighbour so small frames stay crisp; `titles` (one per column) on a strip above."""
-    F_, H, W, _ = rows[0][0].shape
-    cols, top = len(rows[0]), 14 if titles else 0
-    out = np.full((F_, top + len(rows) * (H * scale + gap) - gap, cols * (W * scale + gap) - gap, 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, vid in enumerate(row):
-            big = vid.repeat(scale, 1).repeat(scale, 2)
-            y, x = top + r * (H * scale + gap), c * (W * scale + gap)
-            out[:, y:y + H * scale, x:x + W * scale] = big
-    if titles:
-        strip = Image.fromarray(out[0, :top])
-        draw = ImageDraw.Draw(strip)
-        for c, title in enumerate(titles):
-            draw.text((c * (W * scale + gap) + 2, 2), title[:W * scale // 6], fill="black")   # ~6 px per character
-        out[:, :top] = np.asarray(strip)
-    return out
-
-
-def save_gif(frames, path, fps=8, boundary=None):
-    """frames (F, H, W, 3) uint8 -> an endlessly looping GIF; a red bar marks frames past `boundary`."""
-    imgs = []
-    for i, f in enumerate(frames):
-        img = Image.fromarray(f)
-        if boundary is not None and i >= boundary:
-            ImageDraw.Draw(img).rectangle([0, 0, img.width - 1, 2], fill=(220, 40, 40))
-        imgs.append(img)
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-
-
-def save_mp4(frames, path, fps=8):
-    try:
-        import imageio.v2 as imageio
-        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary)
-    except ImportError:
-        print("note: no MP4 (pip install imageio imageio-ffmpeg)")
-        return False
-    h, w = frames.shape[1:3]
-    frames = np.pad(frames, ((0, 0), (0, (-h) % 16), (0, (-w) % 16), (0, 0)), constant_values=255)
-    imageio.mimsave(path, list(frames), fps=fps, macro_block_size=16)
-    return True
-
-
-def save_contact_sheet(rows, labels, path, every=2, scale=3):
-    """One line of frames per video (every `every`-th frame), labelled on the left."""
-    frames = [np.concatenate(list(v[::every]), axis=1) for v in rows]              # (H, F/every * W, 3)
-    label_w = 180
-    H, W = frames[0].shape[:2]
-    sheet = Image.new("RGB", (label_w + W * scale, len(frames) * (H * scale + 4)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (f, label) in enumerate(zip(frames, labels)):
-        y = i * (H * scale + 4)
-        sheet.paste(Image.fromarray(f).resize((W * scale, H * scale), Image.NEAREST), (label_w, y))
-        draw.text((4, y + H * scale // 2 - 6), label, fill="black")
-    sheet.save(path)
-
-
-def save_routing_plot(log, path, cfg):
-    """Bar chart of log.frequency(): per history chunk (1-based, as in the paper), the fraction of routing decisions
-    (layers x heads x query tokens x videos x CFG branches) that selected it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    freq = log.frequency().numpy()
-    rule = f"top-{cfg.top_k}" if cfg.top_k else f"window {cfg.window}"
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(freq) + 2), 3.5))
-    ax.bar(range(1, len(freq) + 1), freq, color="tab:blue")
-    ax.set(xlabel="history chunk", ylabel="selection frequency", ylim=(0, 1), xticks=range(1, len(freq) + 1),
-           title=f"{rule}{' + sink' if cfg.sink else ''} routing while generating chunk {len(freq) + 1} "
-                 f"(sparsity {log.sparsity():.0%})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(argv=None):
     args, overrides = parse_args(argv)
-    check_ranges(args, SAMPLE_RANGES)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    cli.check_ranges(args, SAMPLE_RANGES)
+    device = cli.pick_device(args.device)
     meta_file = Path(args.ckpt or "") / "meta.json"
     meta = json.loads(meta_file.read_text()) if args.ckpt and meta_file.is_file() else None
-    if args.preset is not None and not is_wan(args.preset):
-        sys.exit(f"error: --preset {args.preset!r}: sample.py takes --preset only for Wan (wan2.1-t2v-1.3b); the "
-                 f"toy samples from a --ckpt")
-    if args.preset or args.latents or (meta and is_wan(meta.get("train", {}).get("preset", ""))):
+    if args.preset is not None and not args.preset.startswith("wan"):
+        cli.fail(f"--preset {args.preset!r}: sample.py takes --preset only for Wan (wan2.1-t2v-1.3b); the toy "
+                 f"samples from a --ckpt")
+    if args.preset or args.latents or (meta and meta.get("train", {}).get("preset", "").startswith("wan")):
         return main_wan(args, overrides, device, meta)
     if args.prompt is not None:
-        sys.exit("error: --prompt is for Wan (--preset wan2.1-t2v-1.3b); the toy takes --caption")
-    main_toy(args, overrides, device)
+        cli.fail("--prompt is for Wan (--preset wan2.1-t2v-1.3b); the toy takes --caption")
+    try:
+        main_toy(args, overrides, device)
+    except (OSError, ValueError) as e:
+        cli.fail(str(e).splitlines()[0])
 
 
-def short_name(ckpt):
-    """A column title for a checkpoint folder: runs/tf/latest -> tf, checkpoints/toy_tf -> toy_tf."""
-    path = Path(ckpt)
-    return path.parent.name if path.name == "latest" or path.name.startswith("step_") else path.name
-
+# ----------------------------------------------------------------------------------------------------------------
+# the toy: checkpoint(s) -> rollouts of held-out clips (or of a caption) -> GIF, MP4, contact sheet, frames.npz
+# ----------------------------------------------------------------------------------------------------------------
 
 def main_toy(args, overrides, device):
     ckpts = [args.ckpt or "runs/toy/latest"] + (args.compare or [])
     args.num = 4 if args.num is None else args.num
     args.frames = 24 if args.frames is None else args.frames
     if args.compare and args.routing_plot:
-        sys.exit("error: --routing_plot draws one checkpoint's routing: drop --compare")
-    models = [load_models(c, args.ema, device, overrides) for c in ckpts]   # (dit, text_encoder, meta) each
+        raise ValueError("--routing_plot draws one checkpoint's routing: drop --compare")
+    models = [checkpoints.load_models(c, args.ema, device, overrides) for c in ckpts]   # (dit, text_encoder, meta)
     cfg, fpc = models[0][0].cfg, models[0][0].cfg.frames_per_chunk
     for ckpt, (dit, _, _) in zip(ckpts[1:], models[1:]):
         if (dit.cfg.frames_per_chunk, dit.cfg.frame_size, dit.cfg.in_dim) != (fpc, cfg.frame_size, cfg.in_dim):
-            sys.exit(f"error: --compare {ckpt} makes other videos (chunk, frame size or channels) than {ckpts[0]}")
-    out = Path(args.out) if args.out else (Path("runs/compare") if args.compare else
-                                             Path(ckpts[0]).resolve().parent / "samples")
-    out.mkdir(parents=True, exist_ok=True)
-
-    prefix_frames = args.prefix_frames if args.prefix_frames is not None else (0 if args.caption else fpc)
-    truth = None
-    if args.caption is not None:
-        captions = [args.caption] * args.num
-        if prefix_frames:
-            sys.exit("error: --prefix_frames needs test clips: drop --caption to continue test-set clips")
-    else:
-        test = shapes.load_dataset(args.test_data)
-        if args.frames > test["frames"].shape[1]:
-            print(f"note: test clips have {test['frames'].shape[1]} frames; truth shown up to there")
-        captions = test["captions"][:args.num]
-        truth = torch.from_numpy(test["frames"][:args.num]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
-    for name, n in (("--frames", args.frames), ("--prefix_frames", prefix_frames)):
-        if n % fpc:
-            sys.exit(f"error: {name} {n} is not a multiple of the chunk ({fpc} frames): use {n - n % fpc or fpc}")
-    prefix = truth[:, :prefix_frames].to(device) if prefix_frames else None
+            raise ValueError(f"--compare {ckpt} makes other videos (chunk, frame size or channels) than {ckpts[0]}")
     if args.routing_plot and not cfg.routed:
-        sys.exit("error: --routing_plot needs a checkpoint with history routing (config top_k or window); "
-                 "this one is dense")
+        raise ValueError("--routing_plot needs a checkpoint with history routing (config top_k or window); "
+                         "this one is dense")
     if args.routing_plot and args.no_cache:   # recomputing the whole sequence would count every chunk's queries
-        sys.exit("error: --routing_plot counts the last chunk's routing in cached sampling: drop --no_cache")
-
+        raise ValueError("--routing_plot counts the last chunk's routing in cached sampling: drop --no_cache")
+    captions, truth, prefix_frames = toy_inputs(args, fpc)
+    out = output_folder(args, ckpts)
     videos = []
     for ckpt, (dit, text_encoder, meta) in zip(ckpts, models):
-        print(f"checkpoint {ckpt} (step {meta['step']}, {meta['stage']}, degrade {dit.cfg.degrade}), "
+        print(f"checkpoint {ckpt} (step {meta['step']}, {method_label(meta)}: degrade {dit.cfg.degrade}), "
               f"{'EMA' if args.ema else 'online'} weights, seed {args.seed}, device {device}")
-        try:
-            ids = torch.stack([torch.from_numpy(shapes.tokenize(c, dit.cfg.text_len)) for c in captions]).to(device)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        with torch.no_grad():
-            context = text_encoder(ids)
-            neg_context = text_encoder(torch.from_numpy(shapes.tokenize("", dit.cfg.text_len))[None].to(device))
-        bar = tqdm(total=(args.frames - prefix_frames) // fpc, desc="chunks", dynamic_ncols=True)
+        prefix = truth[:, :prefix_frames].to(device) if prefix_frames else None
+        videos.append(media.to_uint8(rollout(dit, text_encoder, captions, prefix, args, device)))
+    names = [method_label(meta) for _, _, meta in models] if args.compare else ["generated"]
+    train_frames = models[0][2].get("train", {}).get("clip_frames")
+    write_toy(out, videos, truth, names, captions, args, prefix_frames, train_frames)
 
-        def progress(i):                           # called after chunk i is finished (and written to the cache)
-            bar.update()
-            if args.routing_plot and i < args.frames // fpc - 1:     # count afresh: the last chunk's routing stays
-                dit.routing_log = rf.RoutingLog()
 
-        dit.routing_log = rf.RoutingLog() if args.routing_plot else None
-        try:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as train.py
-                video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift,
-                                    cfg_scale=args.cfg, neg_context=neg_context, prefix=prefix, seed=args.seed,
-                                    use_cache=not args.no_cache, progress=progress)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        bar.close()
-        if args.routing_plot:
-            save_routing_plot(dit.routing_log, args.routing_plot, dit.cfg)
-            print(f"wrote {args.routing_plot} (routing sparsity {dit.routing_log.sparsity():.0%} on the last chunk)")
-            dit.routing_log = None
-        videos.append(to_uint8(video))
+def toy_inputs(args, fpc):
+    """-> (captions, truth (N, F, 3, H, W) in [-1, 1] or None, prefix frames) for --caption or the test clips."""
+    prefix_frames = args.prefix_frames if args.prefix_frames is not None else (0 if args.caption else fpc)
+    for name, n in (("--frames", args.frames), ("--prefix_frames", prefix_frames)):
+        if n % fpc:
+            raise ValueError(f"{name} {n} is not a multiple of the chunk ({fpc} frames): use {n - n % fpc or fpc}")
+    if args.caption is not None:
+        if prefix_frames:
+            raise ValueError("--prefix_frames needs test clips: drop --caption to continue test-set clips")
+        return [args.caption] * args.num, None, 0
+    test = shapes.load_dataset(args.test_data)
+    if args.frames > test["frames"].shape[1]:
+        print(f"note: test clips have {test['frames'].shape[1]} frames; truth shown up to there")
+    return test["captions"][:args.num], media.from_uint8(test["frames"][:args.num]), prefix_frames
 
-    names = [short_name(c) for c in ckpts] if args.compare else ["generated"]
+
+def output_folder(args, ckpts):
+    """--out, or next to the (first) checkpoint's run; says so when it replaces samples already there."""
+    out = Path(args.out) if args.out else (Path("runs/compare") if args.compare else
+                                             Path(ckpts[0]).resolve().parent / "samples")
+    if (out / "samples.gif").exists():
+        print(f"note: replacing the samples in {out} (pass --out to write elsewhere)")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def method_label(meta) -> str:
+    """What a toy checkpoint was trained with, from its meta: "teacher forcing", "RF s=0.6", "RF s=0.6 top-2", ..."""
+    cfg = meta["config"]
+    if meta.get("stage") == "teacher_forcing" or cfg["degrade"] == "none":
+        label = "teacher forcing"
+    else:
+        label = {"autoregressive": "RF", "parallel": "parallel resampling", "noise": "noise augmentation"}[
+            cfg["degrade"]] + (f" s={cfg['resample_shift']:g}" if cfg["degrade"] != "noise" else "")
+    routing = (f" top-{cfg['top_k']}" if cfg.get("top_k") else "") + (f" window {cfg['window']}"
+                                                                       if cfg.get("window") else "")
+    return label + routing
+
+
+def rollout(dit, text_encoder, captions, prefix, args, device):
+    """One checkpoint's videos (N, F, 3, H, W) in [-1, 1]: rf.generate, chunk by chunk, with a progress bar."""
+    fpc = dit.cfg.frames_per_chunk
+    with torch.no_grad():
+        context = text_encoder(torch.from_numpy(shapes.tokenize_all(captions, dit.cfg.text_len)).to(device))
+        neg_context = text_encoder(torch.from_numpy(shapes.tokenize_all([""], dit.cfg.text_len)).to(device))
+    P = 0 if prefix is None else prefix.shape[1]
+    bar = tqdm(total=(args.frames - P) // fpc, desc="chunks", dynamic_ncols=True)
+
+    def progress(i):                               # called after chunk i is finished (and written to the cache)
+        bar.update()
+        if args.routing_plot and i < args.frames // fpc - 1:         # count afresh: the last chunk's routing stays
+            dit.routing_log = rf.RoutingLog()
+
+    dit.routing_log = rf.RoutingLog() if args.routing_plot else None
+    with cli.autocast(device):
+        video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+                            neg_context=neg_context, prefix=prefix, seed=args.seed, use_cache=not args.no_cache,
+                            progress=progress)
+    bar.close()
+    if args.routing_plot:
+        media.save_routing_plot(dit.routing_log, args.routing_plot, dit.cfg)
+        print(f"wrote {args.routing_plot} (routing sparsity {dit.routing_log.sparsity():.0%} on the last chunk)")
+        dit.routing_log = None
+    return video
+
+
+def write_toy(out, videos, truth, names, captions, args, prefix_frames, train_frames):
+    """truth | each model, one row per clip -> samples.gif (a red bar past the training length), samples.mp4,
+    contact_sheet.png, and with --save_frames frames.npz."""
     columns = [list(v) for v in videos]                   # per checkpoint: its videos, one per clip
+    arrays = {}
     if truth is not None:                                 # truth | generated (| compared), one row per clip
-        tru = to_uint8(truth[:, :args.frames])
+        tru = media.to_uint8(truth[:, :args.frames])
+        arrays["truth"] = tru
         if tru.shape[1] < args.frames:                    # past the end of the test clip: blank truth
             tru = np.concatenate([tru, np.full_like(videos[0][:, tru.shape[1]:], 255)], axis=1)
         columns, names = [list(tru)] + columns, ["truth"] + names
     rows = [list(row) for row in zip(*columns)]
     labels = [f"{name}: {c}" if j == 0 else name for c in captions for j, name in enumerate(names)]
-    frames = grid_frames(rows, titles=names if args.compare else None)
-    save_gif(frames, out / "samples.gif", boundary=prefix_frames or None)
-    wrote_mp4 = save_mp4(frames, out / "samples.mp4")
-    save_contact_sheet([v for row in rows for v in row], labels, out / "contact_sheet.png")
-    print(f"wrote {out / 'samples.gif'}{', samples.mp4' if wrote_mp4 else ''}, contact_sheet.png "
-          f"({args.num} videos x {args.frames} frames, {prefix_frames} prefix frames"
-          + (f"; columns: {' | '.join(names)})" if args.compare else ")"))
+    frames = media.grid_frames(rows, titles=names if args.compare else None)
+    media.save_gif(frames, out / "samples.gif", boundary=train_frames)
+    wrote_mp4 = media.save_mp4(frames, out / "samples.mp4")
+    media.save_contact_sheet([v for row in rows for v in row], labels, out / "contact_sheet.png")
+    if args.save_frames:
+        arrays |= {name: v for name, v in zip(names[-len(videos):], videos)}
+        np.savez_compressed(out / "frames.npz", **arrays)
+    print(f"wrote {out / 'samples.gif'}{', samples.mp4' if wrote_mp4 else ''}, contact_sheet.png"
+          f"{', frames.npz' if args.save_frames else ''} ({args.num} videos x {args.frames} frames, "
+          f"{prefix_frames} prefix frames" + (f"; columns: {' | '.join(names)})" if args.compare else ")"))
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wan2.1: prompt -> umT5 features -> chunk-by-chunk latents -> VAE, frame by frame -> MP4
+# ----------------------------------------------------------------------------------------------------------------
 
 def main_wan(args, overrides, device, meta):
     """Wan2.1 text-to-video: prompt -> umT5 features -> chunk-by-chunk generation -> VAE, frame by frame -> MP4."""
@@ -301,12 +236,16 @@ def main_wan(args, overrides, device, meta):
         return decode_wan(load_latents(args.latents), args.latents, args.vae or args.wan or wan.WAN_PARTS_REPO,
                           device, Path(args.out) if args.out else Path(args.latents).parent)
     if not args.prompt:
-        sys.exit('error: Wan samples from a prompt: pass --prompt "..."')
+        cli.fail('Wan samples from a prompt: pass --prompt "..."')
     if args.caption is not None or args.prefix_frames or args.no_cache or args.routing_plot:
-        sys.exit("error: --caption, --prefix_frames, --no_cache and --routing_plot are for the toy")
+        cli.fail("--caption, --prefix_frames, --no_cache and --routing_plot are for the toy")
     cuda = device.type == "cuda"
     if meta is not None and args.preset is None:           # a Wan model fine-tuned by train.py
-        cfg = checkpoint_config(meta["config"], overrides, ROUTING_FIELDS, f"sampling {args.ckpt}")
+        try:
+            cfg = checkpoints.checkpoint_config(meta["config"], overrides, checkpoints.ROUTING_FIELDS,
+                                                f"sampling {args.ckpt}")
+        except ValueError as e:
+            cli.fail(e)
         preset_name, fields = meta["train"]["preset"], checkpoints.config_to_dict(cfg)
         weights = Path(args.ckpt) / ("dit_ema.safetensors" if args.ema else "dit.safetensors")
         source = meta["train"].get("wan") or wan.WAN_PARTS_REPO
@@ -318,7 +257,7 @@ def main_wan(args, overrides, device, meta):
         try:
             cfg = rf.preset(preset_name, **fields)
         except ValueError as e:
-            sys.exit(f"error: {e}")
+            cli.fail(f"{e}")
         weights = source = args.wan or wan.WAN_PARTS_REPO
         text_source, vae_source = args.text_encoder or source, args.vae or source
         out = Path(args.out) if args.out else Path("samples")
@@ -326,12 +265,12 @@ def main_wan(args, overrides, device, meta):
     height, width = args.height or 8 * cfg.frame_size[0], args.width or 8 * cfg.frame_size[1]
     step = 8 * cfg.patch_size[1]                              # the VAE's 8 x the patch's 2
     if height % step or width % step:
-        sys.exit(f"error: {height}x{width}: height and width must be multiples of {step} (VAE stride 8 x patch "
+        cli.fail(f"{height}x{width}: height and width must be multiples of {step} (VAE stride 8 x patch "
                  f"{cfg.patch_size[1]}), e.g. 480x832 or 240x416")
     try:
         num_latent = wan.latent_frames(frames, cfg.frames_per_chunk)
     except ValueError as e:
-        sys.exit(f"error: --frames {e}")
+        cli.fail(f"--frames {e}")
     out.mkdir(parents=True, exist_ok=True)
     print(f"Wan2.1 text-to-video: {weights}; {frames} frames ({num_latent} latent frames, "
           f"{num_latent // cfg.frames_per_chunk} chunks) at {height}x{width}; seed {args.seed}, device {device}"
@@ -361,7 +300,7 @@ def main_wan(args, overrides, device, meta):
         bar.close()
         free(dit)
     except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        cli.fail(f"{e}")
     # saved before decoding: if the VAE fails, --latents decodes them without generating them again
     from safetensors.torch import save_file
     latents_file = out / f"wan_seed{args.seed}_latents.safetensors"
@@ -376,7 +315,7 @@ def load_latents(path):
     try:
         return load_file(path)["latents"]
     except (OSError, KeyError, SafetensorError) as e:
-        sys.exit(f"error: cannot read latents from {path} ({type(e).__name__}): pass a wan_seedN_latents.safetensors "
+        cli.fail(f"cannot read latents from {path} ({type(e).__name__}): pass a wan_seedN_latents.safetensors "
                  f"that sample.py wrote")
 
 
@@ -387,9 +326,9 @@ def decode_wan(latents, latents_file, vae_source, device, out):
     try:
         vae = wan.load_wan_vae(vae_source, device)
     except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}; the latents are saved: decode them alone with --latents {latents_file}")
+        cli.fail(f"{e}; the latents are saved: decode them alone with --latents {latents_file}")
     if vae.config.z_dim != channels:
-        sys.exit(f"error: the VAE in {vae_source} has {vae.config.z_dim} latent channels, the latents {channels}")
+        cli.fail(f"the VAE in {vae_source} has {vae.config.z_dim} latent channels, the latents {channels}")
     temporal, spatial = wan.vae_strides(vae)
     frames, height, width = 1 + temporal * (num_latent - 1), spatial * h, spatial * w
     out.mkdir(parents=True, exist_ok=True)
@@ -399,7 +338,7 @@ def decode_wan(latents, latents_file, vae_source, device, out):
         with imageio.get_writer(path, fps=wan.WAN_FPS, macro_block_size=16) as writer:
             for pixels in tqdm(wan.vae_decode_chunks(vae, latents[i:i + 1]), total=num_latent,
                                desc=f"decode {path.name}", dynamic_ncols=True):
-                for frame in to_uint8(pixels)[0]:
+                for frame in media.to_uint8(pixels)[0]:
                     writer.append_data(frame)
         print(f"wrote {path} ({frames} frames, {height}x{width}, {wan.WAN_FPS} fps)")
 

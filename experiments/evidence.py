@@ -38,8 +38,9 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
+import media  # noqa: E402
 import rf  # noqa: E402
-import sample  # noqa: E402
 import train  # noqa: E402
 from tiny_data import metrics, shapes  # noqa: E402
 
@@ -93,14 +94,14 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 def finished(run, steps):
-    return any(p.name == f"step_{steps:07d}" for p in train.saved_steps(run))
+    return any(p.name == f"step_{steps:07d}" for p in checkpoints.saved_steps(run))
 
 
 def run_train(argv):
     """train.main; on Ctrl-C it saves and stops, and then the way on is to rerun this script, not train.py."""
     try:
         train.main(argv)
-    except train.Stopped:
+    except cli.Stopped:
         sys.exit("stopped; the steps done are saved: rerun the same experiments/evidence.py command to go on")
 
 
@@ -109,7 +110,7 @@ def train_all(args, out, timings):
     w = scale["warmup_steps"]
 
     def options(run, steps):
-        resume = ["--resume"] if train.saved_steps(run) else []
+        resume = ["--resume"] if checkpoints.saved_steps(run) else []
         return ["--out", str(run), "--steps", str(steps), "--warmup_steps", str(w), "--ckpt_every", "250",
                 "--batch_size", str(scale["batch_size"]), "--clip_frames", str(TRAIN_FRAMES), "--seed", str(args.seed),
                 "--device", args.device, "--no-sample", "--keep_last", "1"] + resume
@@ -126,10 +127,10 @@ def train_all(args, out, timings):
         if finished(run, scale["steps"]):
             print(f"== {name}: done already ({run})")
             continue
-        if not train.saved_steps(run):                       # branch: a copy of the warm-up checkpoint
+        if not checkpoints.saved_steps(run):                       # branch: a copy of the warm-up checkpoint
             run.mkdir(parents=True, exist_ok=True)
             shutil.copytree(warm / f"step_{w:07d}", run / f"step_{w:07d}")
-        start = int(train.saved_steps(run)[-1].name.split("_")[1])           # step_0000700 -> 700
+        start = int(checkpoints.saved_steps(run)[-1].name.split("_")[1])           # step_0000700 -> 700
         print(f"== {name}: {label}, steps {start}..{scale['steps']}")
         t0 = time.time()
         run_train(options(run, scale["steps"]) + extra)
@@ -142,7 +143,7 @@ def train_all(args, out, timings):
 
 def rollouts(run, test, args, device):
     """-> generated frames (N, 32, H, W, 3) uint8 for the first args.clips test clips (EMA weights)."""
-    dit, text_encoder, _ = sample.load_models(str(run / "latest"), True, device)
+    dit, text_encoder, _ = checkpoints.load_models(str(run / "latest"), True, device)
     cfg = dit.cfg
     videos = []
     for i in tqdm(range(0, args.clips, args.batch), desc=f"rollouts {run.name}", unit="batch", dynamic_ncols=True):
@@ -155,7 +156,7 @@ def rollouts(run, test, args, device):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 video = rf.generate(dit, context, 4 * TRAIN_FRAMES, neg_context=neg, steps=args.sample_steps,
                                     prefix=truth[:, :PREFIX].to(device), seed=1000 + i)
-        videos.append(sample.to_uint8(video))
+        videos.append(media.to_uint8(video))
     return np.concatenate(videos)
 
 
@@ -225,7 +226,7 @@ def hero_gif(videos, test, path, clips=(0, 1, 2, 3)):
     length."""
     rows = [[test["frames"][i][:4 * TRAIN_FRAMES]] + [videos[n][i] for n in HERO] for i in clips]
     titles = ["truth", "TF", "RF"]
-    sample.save_gif(sample.grid_frames(rows, titles=titles), path, boundary=TRAIN_FRAMES)
+    media.save_gif(media.grid_frames(rows, titles=titles), path, boundary=TRAIN_FRAMES)
 
 
 def ship(out):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 import checkpoints
-import rf
 import train
 from test_scripts import ROOT
 
@@ -41,8 +40,8 @@ def test_evidence_pipeline_and_branch_equals_fresh_run(tmp_path, capsys):
     train.main(["--out", str(fresh), "--steps", str(scale["steps"]), "--warmup_steps", str(scale["warmup_steps"]),
                 "--batch_size", str(scale["batch_size"]), "--clip_frames", str(evidence.TRAIN_FRAMES),
                 "--no-sample", "--degrade", "autoregressive", "--resample_shift", "0.6"])
-    _, a = checkpoints.load_checkpoint(train.saved_steps(fresh)[-1])
-    _, b = checkpoints.load_checkpoint(train.saved_steps(out / "ar_s0.6")[-1])
+    _, a = checkpoints.load_checkpoint(checkpoints.saved_steps(fresh)[-1])
+    _, b = checkpoints.load_checkpoint(checkpoints.saved_steps(out / "ar_s0.6")[-1])
     for group in ("dit", "dit_ema", "text_encoder"):
         for key in a[group]:
             assert (a[group][key] == b[group][key]).all(), f"{group}.{key} differs"
@@ -67,5 +66,5 @@ def test_shipped_checkpoints_sample_side_by_side(tmp_path, capsys):
                  "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "degrade none" in printed and "degrade autoregressive" in printed
-    assert "columns: truth | toy_tf | toy_ar_s0.6" in printed
+    assert "columns: truth | teacher forcing | RF s=0.6" in printed      # columns named by method (issue 14)
     assert (tmp_path / "samples.gif").stat().st_size > 0

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from safetensors.torch import load_file
 
 import checkpoints
 import rf
-import train
 from test_scripts import ROOT, TINY, exit_message, run_train
 
 
@@ -44,11 +42,11 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
         proc.wait()
     assert (tmp_path / "step_0000004.tmp").is_dir()                       # the half-written save
     assert not (tmp_path / "step_0000004").exists()
-    assert [p.name for p in train.saved_steps(tmp_path)] == ["step_0000002"]
+    assert [p.name for p in checkpoints.saved_steps(tmp_path)] == ["step_0000002"]
     meta, tensors = checkpoints.load_checkpoint(tmp_path / "step_0000002")            # intact and loadable
     assert meta["step"] == 2 and "dit" in tensors
     run_train(tmp_path, "--steps", "4", "--ckpt_every", "2", "--resume", "--no-sample")
-    assert [p.name for p in train.saved_steps(tmp_path)] == ["step_0000002", "step_0000004"]
+    assert [p.name for p in checkpoints.saved_steps(tmp_path)] == ["step_0000002", "step_0000004"]
     assert not (tmp_path / "step_0000004.tmp").exists()
 
 
@@ -66,7 +64,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, sig):
     finally:
         proc.kill()
     assert proc.returncode == 1 and "--resume" in err.splitlines()[-1], err[-500:]
-    (ckpt,) = train.saved_steps(tmp_path)                        # saved although no checkpoint was due
+    (ckpt,) = checkpoints.saved_steps(tmp_path)                        # saved although no checkpoint was due
     step = checkpoints.load_checkpoint(ckpt)[0]["step"]
     assert 3 <= step < 100000
 
@@ -79,7 +77,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, sig):
 
 def test_keep_last_n(tmp_path):
     run_train(tmp_path, "--steps", "5", "--ckpt_every", "1", "--keep_last", "2", "--no-sample")
-    assert [p.name for p in train.saved_steps(tmp_path)] == ["step_0000004", "step_0000005"]
+    assert [p.name for p in checkpoints.saved_steps(tmp_path)] == ["step_0000004", "step_0000005"]
 
 
 def test_unwritable_output_fails_before_training(tmp_path):

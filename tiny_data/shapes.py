@@ -205,6 +205,11 @@ def tokenize(caption: str, max_len: int = 8) -> np.ndarray:
     return tokens
 
 
+def tokenize_all(captions, max_len: int = 8) -> np.ndarray:
+    """Captions -> int64 (len(captions), max_len) token ids, one row per caption (see tokenize)."""
+    return np.stack([tokenize(c, max_len) for c in captions]).reshape(len(captions), max_len)
+
+
 def detokenize(tokens) -> str:
     """Inverse of tokenize for captions made by make_clip (pads are dropped
     and a comma is put after each shape word that is followed by more words)."""
