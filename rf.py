@@ -859,6 +859,24 @@ def _randn_like(x, generator):
     return _randn(x.shape, generator, x.device).to(x.dtype)
 
 
+def _check_generate(cfg, B, num_frames, prefix, H, W):
+    """generate's arguments, each mistake a one-line ValueError that says what to pass instead."""
+    fpc, P = cfg.frames_per_chunk, 0 if prefix is None else prefix.shape[1]
+    if H % cfg.patch_size[1] or W % cfg.patch_size[2]:
+        raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {cfg.patch_size[1:]}: "
+                         f"pass a size that is a multiple of it")
+    if prefix is not None and (prefix.ndim != 5 or prefix.shape[0] != B or prefix.shape[2] != cfg.in_dim
+                               or tuple(prefix.shape[-2:]) != (H, W)):
+        raise ValueError(f"prefix must be (B, P, C, H, W) = ({B}, P, {cfg.in_dim}, {H}, {W}), "
+                         f"got {tuple(prefix.shape)}")
+    if num_frames % fpc or P % fpc:
+        raise ValueError(f"num_frames={num_frames} and prefix frames={P} must be multiples of "
+                         f"frames_per_chunk={fpc}")
+    if not P < num_frames <= ROPE_LEN:
+        raise ValueError(f"num_frames={num_frames} must exceed the prefix ({P}) and be at most the RoPE table "
+                         f"length {ROPE_LEN}")
+
+
 @torch.no_grad()
 def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_scale=None, neg_context=None,
              prefix=None, size=None, seed=0, use_cache=True, progress=None):
@@ -879,19 +897,7 @@ def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_sca
     B = context.shape[0]
     P = 0 if prefix is None else prefix.shape[1]
     H, W = size or (prefix.shape[-2:] if prefix is not None else cfg.frame_size)
-    if H % cfg.patch_size[1] or W % cfg.patch_size[2]:
-        raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {cfg.patch_size[1:]}: "
-                         f"pass a size that is a multiple of it")
-    if prefix is not None and (prefix.ndim != 5 or prefix.shape[0] != B or prefix.shape[2] != cfg.in_dim
-                               or tuple(prefix.shape[-2:]) != (H, W)):
-        raise ValueError(f"prefix must be (B, P, C, H, W) = ({B}, P, {cfg.in_dim}, {H}, {W}), "
-                         f"got {tuple(prefix.shape)}")
-    if num_frames % fpc or P % fpc:
-        raise ValueError(f"num_frames={num_frames} and prefix frames={P} must be multiples of "
-                         f"frames_per_chunk={fpc}")
-    if not P < num_frames <= ROPE_LEN:
-        raise ValueError(f"num_frames={num_frames} must exceed the prefix ({P}) and be at most the RoPE table "
-                         f"length {ROPE_LEN}")
+    _check_generate(cfg, B, num_frames, prefix, H, W)
     guided = cfg_scale != 1.0
     if guided:
         if neg_context is None:
