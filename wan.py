@@ -140,9 +140,10 @@ def _is_repo_id(source: str) -> bool:
     return len(parts) == 2 and all(p and set(p) <= ok and not p.startswith(".") for p in parts)
 
 
-def _download(repo_id: str, patterns=DIT_HUB_FILES, then="load_wan('{name}')") -> Path:
+def _download(repo_id: str, patterns=DIT_HUB_FILES) -> Path:
     """Fetch only the files of a hub repo that match `patterns` (default: the DiT's weights and config), with
-    huggingface_hub's progress bars and cache. `then`: how to use a local copy, for the offline message."""
+    huggingface_hub's progress bars and cache. Offline: one line with the command that downloads the whole model
+    folder and the option that takes it."""
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import RepositoryNotFoundError
@@ -159,11 +160,11 @@ def _download(repo_id: str, patterns=DIT_HUB_FILES, then="load_wan('{name}')") -
     except Exception as e:                 # offline, no connection, a hub error: huggingface_hub has many types
         why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if offline
                else f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-        name, include = repo_id.split("/")[1], " ".join(f"--include '{p}'" for p in patterns)
+        name = repo_id.split("/")[1]
         raise ConnectionError(
             f"could not reach the Hugging Face Hub for {repo_id!r} ({why}), and there is no local path of that name. "
-            f"Download it where there is internet (hf download {repo_id} {include} --local-dir {name}) and pass "
-            f"that folder: {then.format(name=name)}") from None
+            f"Download the whole model where there is internet (hf download {repo_id} --local-dir {name}) and pass "
+            f"that folder: --wan {name} (train.py, sample.py) or wan.load_wan('{name}')") from None
 
 
 def find_wan_files(source):
@@ -342,7 +343,7 @@ def wan_part(source, part) -> Path:
     repo root (a local folder, or a hub id of which only that part is downloaded), or the part's own folder."""
     path = Path(source).expanduser()
     if not path.exists() and _is_repo_id(str(source)):
-        path = _download(str(source), [f"{part}/*"], then=f"pass that folder (it holds {part}/)")
+        path = _download(str(source), [f"{part}/*"])
     for folder in (path / part, path):
         if (folder / WAN_PART_FILES[part]).is_file():
             return folder

@@ -116,7 +116,9 @@ def test_missing_parts_are_one_line_errors(wan_root, tmp_path, monkeypatch):
     pytest.importorskip("huggingface_hub")
     with pytest.raises(ConnectionError) as e:
         wan.wan_part("rf-tests/no-such-wan", "text_encoder")
-    assert "--include 'text_encoder/*'" in one_line(e.value)
+    msg = one_line(e.value)                 # one command for the whole model folder, and the option that takes it
+    assert "hf download rf-tests/no-such-wan --local-dir no-such-wan" in msg and "--wan no-such-wan" in msg
+    assert "--include" not in msg and msg.count("pass that folder") == 1
 
 
 # --- sample.py: prompt in, MP4 out ------------------------------------------------------------------------------
