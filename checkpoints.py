@@ -173,5 +173,8 @@ def load_optimizer(opt, tensors, param_groups):
     state = {}
     for key, v in tensors.items():
         pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
+        # clone: a tensor read from a safetensors file starts wherever the file put it (any multiple of 4 bytes),
+        # and the optimizer keeps that storage. Vectorised CPU kernels round an unaligned head differently, so the
+        # resumed run could drift from the uninterrupted one in the last bit. A clone is 64-byte aligned.
+        state.setdefault(int(pid), {})[name] = v.clone()
     opt.load_state_dict({"state": state, "param_groups": param_groups})
