@@ -57,11 +57,9 @@ def add_dataclass_options(parser, cls, skip=()):
             kind = dict(type=int, nargs=len(default))
         elif isinstance(default, bool):
             kind = dict(action=argparse.BooleanOptionalAction)
-        # choices are listed, not enforced by argparse (its error is a usage dump): check_ranges or the Config
-        # check turns a wrong word into one line
-        choices = f"; one of: {', '.join(CHOICES[f.name])}" if f.name in CHOICES else ""
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"{text} (default: {default}{choices})",
-                            **kind)
+        if f.name in CHOICES:     # shown, not enforced by argparse (its error is a usage dump): check_ranges or
+            kind["metavar"] = "{" + ",".join(CHOICES[f.name]) + "}"    # the Config check says it in one line
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"{text} (default: {default})", **kind)
 
 
 def add_config_options(parser):
