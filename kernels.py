@@ -8,8 +8,8 @@ numbers faster or in less memory, and tests/test_routing.py proves each path equ
     two_branches     both branches of routed attention: the history branch grouped by key block and cut into
                      tiles (one batched matmul), every score in bounded slabs (checkpointed under autograd), and
                      on a CPU without autograd SDPA's fused kernel, which also returns the log-sum-exp
-    flex_attention   torch's flex_attention, compiled once on CUDA, with BlockMasks from a compiled
-                     create_block_mask (block_mask)
+    flex_attention   torch's flex_attention, compiled once on CUDA, with BlockMasks of rf's mask rule built by
+                     a compiled create_block_mask (flex_block_mask, flex_routed_mask)
     varlen_branches  the same two branches through a varlen kernel that returns the LSE (the paper's fast path):
                      torch's varlen_attn or flash-attn's flash_attn_varlen_func, CUDA only (attn_backend varlen |
                      flash); tests/test_varlen.py proves the packing and merge with a CPU stand-in of the kernel
@@ -47,6 +47,33 @@ def block_mask(mask_mod, B, H, Lq, Lk, device: str):
     Compiled, mask_mod is fused into the per-block reduction (0.4 GB there), and the blocks come out the same."""
     return (compiled(create_block_mask) if device.startswith("cuda") else create_block_mask)(
         mask_mod, B, H, Lq, Lk, device=device)
+
+
+@lru_cache(maxsize=16)
+def flex_block_mask(rule, chunk: tuple, stream: tuple, device: str):
+    """rf's mask rule (may_attend) over a layout, as a flex_attention BlockMask. Cached: building it is not free,
+    and the key holds the whole layout, so a new length or resolution can never reuse a stale mask."""
+    c = torch.tensor(chunk, device=device)
+    s = torch.tensor(stream, device=device)
+
+    def mask_mod(b, h, q, k):
+        return rule(c[q], s[q], c[k], s[k])
+
+    return block_mask(mask_mod, None, None, len(chunk), len(chunk), device)
+
+
+def flex_routed_mask(rule, selected, chunk, stream):
+    """rf's routed rule (may_attend_routed) as a BlockMask per batch and head; selected: (B, nh, Lq, Nh). Key blocks
+    no query of a query block chose are skipped; with per-token routing most blocks have some taker, so the saving
+    is coarser than two_branches'. Keys of chunks >= Nh (never anyone's routed past) read a padding column."""
+    B, nh, Lq, Nh = selected.shape
+    table, col = torch.nn.functional.pad(selected, (0, 1)), chunk.clamp(max=Nh)      # (B, nh, Lq, Nh + 1), (Lk,)
+    q_chunk, q_stream = chunk[-Lq:], stream[-Lq:]
+
+    def mask_mod(b, h, q, k):
+        return rule(q_chunk[q], q_stream[q], chunk[k], stream[k], table[b, h, q, col[k]])
+
+    return block_mask(mask_mod, B, nh, Lq, len(chunk), str(chunk.device))
 
 
 def flex_attention(q, k, v, mask):

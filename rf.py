@@ -35,7 +35,6 @@ Conventions (fixed everywhere below)
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
@@ -262,19 +261,6 @@ def mask_ascii(num_chunks: int, two_stream: bool = True) -> str:
     return "\n".join(rows)
 
 
-@lru_cache(maxsize=16)
-def flex_block_mask(chunk: tuple, stream: tuple, device: str) -> BlockMask:
-    """The same rule as a flex_attention BlockMask (CUDA fast path). Cached: building it is not free, and the key
-    holds the whole layout, so a new length or resolution can never reuse a stale mask."""
-    c = torch.tensor(chunk, device=device)
-    s = torch.tensor(stream, device=device)
-
-    def mask_mod(b, h, q, k):
-        return may_attend(c[q], s[q], c[k], s[k])
-
-    return kernels.block_mask(mask_mod, None, None, len(chunk), len(chunk), device)
-
-
 def attention(q, k, v, mask=None, phi=None):
     """Softmax attention with scale 1/sqrt(hd). q: (B, Lq, nh, hd), k, v: (B, Lk, nh, hd) -> (B, Lq, nh, hd).
 
@@ -383,7 +369,8 @@ def routed_attention(q, k, v, phi, routing: Routing):
     if routing.backend == "two_branch":
         return two_branch_attention(q, k, v, selected, routing.chunk_tokens, kernels.two_branches)
     if routing.backend == "flex":
-        return attention(q, k, v, flex_routed_mask(selected, routing.chunk, routing.stream))
+        return attention(q, k, v, kernels.flex_routed_mask(may_attend_routed, selected, routing.chunk,
+                                                           routing.stream))
     if routing.backend in ("varlen", "flash"):
         return two_branch_attention(q, k, v, selected, routing.chunk_tokens, kernels.varlen_backend(routing.backend))
     return attention(q, k, v, routed_mask(selected, routing.chunk, routing.stream))
@@ -405,19 +392,6 @@ def routed_mask(selected, chunk, stream):
     table, col = _chosen_per_key(selected, chunk)
     Lq = selected.shape[2]
     return may_attend_routed(chunk[-Lq:, None], stream[-Lq:, None], chunk[None], stream[None], table[..., col])
-
-
-def flex_routed_mask(selected, chunk, stream) -> BlockMask:
-    """The same mask as a flex_attention BlockMask (per batch and head). Key blocks no query of a query block chose
-    are skipped; with per-token routing most blocks have some taker, so the saving is coarser than two_branch's."""
-    table, col = _chosen_per_key(selected, chunk)
-    B, nh, Lq, _ = selected.shape
-    q_chunk, q_stream = chunk[-Lq:], stream[-Lq:]
-
-    def mask_mod(b, h, q, k):
-        return may_attend_routed(q_chunk[q], q_stream[q], chunk[k], stream[k], table[b, h, q, col[k]])
-
-    return kernels.block_mask(mask_mod, B, nh, Lq, len(chunk), str(chunk.device))
 
 
 # The paper's fast path computes routed attention as two branches: each query against its own chunk, and each query
@@ -728,13 +702,13 @@ class DiT(nn.Module):
         backend = self.attn_backend
         if self.cfg.routed:                                                           # [RF] history routing
             # NOTE(choice): auto means two_branch on every device: flex works at the granularity of 128x128 blocks,
-            # and per-token routing leaves few blocks that no query chose (see flex_routed_mask).
+            # and per-token routing leaves few blocks that no query chose (see kernels.flex_routed_mask).
             T = self.cfg.frames_per_chunk * tokens_per_frame
             return Routing(chunk, stream, chunk_tokens=T, num_history=int((stream == HISTORY).sum()) // T,
                            top_k=self.cfg.top_k, window=self.cfg.window, sink=self.cfg.sink,
                            backend="two_branch" if backend == "auto" else backend, log=self.routing_log)
         if backend == "flex" or (backend == "auto" and chunk.is_cuda):
-            return flex_block_mask(tuple(chunk.tolist()), tuple(stream.tolist()), str(chunk.device))
+            return kernels.flex_block_mask(may_attend, tuple(chunk.tolist()), tuple(stream.tolist()), str(chunk.device))
         return dense_mask(chunk, stream)
 
     def _check(self, x, t):

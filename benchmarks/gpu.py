@@ -317,7 +317,7 @@ def routed_checks(rep, rf, device, dtype, tiny):
                   note=notes.get(name), tol=tol, **errs)
     q, k, v = (z.detach() for z in (q, k, v))                          # flex: forward only on a CPU
     with torch.no_grad():
-        mask = rf.flex_routed_mask(selected, chunk, stream)
+        mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
         rep.compare(f"{dtype} routed attention, flex mask vs reference (forward)", rf.attention(q, k, v, mask), ref[0],
                     tol)
 

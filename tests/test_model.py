@@ -720,8 +720,9 @@ def test_compiled_block_masks_equal_eager(monkeypatch):
     selected[:, 0] = False                                         # head 0 routes to no history chunk at all
 
     def build():                                                   # __wrapped__: past flex_block_mask's cache
-        return (rf.flex_block_mask.__wrapped__(tuple(chunk.tolist()), tuple(stream.tolist()), "cpu"),
-                rf.flex_routed_mask(selected, chunk, stream))
+        return (kernels.flex_block_mask.__wrapped__(rf.may_attend, tuple(chunk.tolist()), tuple(stream.tolist()),
+                                                     "cpu"),
+                kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream))
 
     eager = build()
     monkeypatch.setattr(kernels, "create_block_mask", torch.compile(kernels.create_block_mask))
