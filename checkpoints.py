@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from rf import CaptionEncoder, Config, DiT
+from rf import Config, DiT
+from tiny_data.caption_encoder import CaptionEncoder
 
 
 def save_checkpoint(path, tensors: dict, meta: dict):

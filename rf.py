@@ -19,10 +19,10 @@ Reading order
     4. The Wan2.1 DiT with per-frame noise conditioning, two forwards and a cached chunk forward; the KV cache
     5. Sampling: generate (chunk by chunk, Euler, CFG, KV cache)
     6. Training: self-resampling and the loss (Algorithm 1)
-    7. The toy caption encoder
 
 Around it, each in a file of its own: kernels.py (the tuned attention paths, proved equal to the readable ones
-here), wan.py (Wan2.1's weights, text encoder and VAE), checkpoints.py (saving and loading).
+here), wan.py (Wan2.1's weights, text encoder and VAE), checkpoints.py (saving and loading), and the toy's
+data, tokenizer and caption encoder in tiny_data/.
 
 Conventions (fixed everywhere below)
     B batch, F frames, C channels, H x W frame size (Wan: latent frames, 8x smaller than pixels; toy: pixels)
@@ -991,26 +991,3 @@ def training_loss(model: DiT, clip, context, mode=None, generator=None):
     err = (v.float() - (eps - clip).float()).pow(2).mean(dim=(2, 3, 4))               # (B, F); target: GT always
     chunk_loss = err.unflatten(1, (N, fpc)).mean(2)                                   # (B, N)
     return chunk_loss.mean(), chunk_loss.detach(), t
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. The toy caption encoder
-# ----------------------------------------------------------------------------------------------------------------
-
-class CaptionEncoder(nn.Module):
-    """Stands in for umT5 in the toy: token ids (B, Lt) -> features (B, Lt, text_dim), zero at padding (id 0).
-
-    One small transformer layer, so a colour can bind to the shape after it. Zeroing the padded rows mirrors
-    Wan's zero-padded text; the empty caption (all padding) is the unconditional prompt of CFG."""
-
-    def __init__(self, vocab_size, text_dim, text_len):
-        super().__init__()
-        self.embed = nn.Embedding(vocab_size, text_dim)
-        self.pos = nn.Parameter(torch.randn(text_len, text_dim) * 0.02)
-        self.layer = nn.TransformerEncoderLayer(text_dim, nhead=2, dim_feedforward=2 * text_dim,
-                                                dropout=0.0, batch_first=True, norm_first=True)
-
-    def forward(self, ids):
-        x = self.layer(self.embed(ids) + self.pos[: ids.shape[1]])
-        return x * (ids != 0).unsqueeze(-1)
-

@@ -39,6 +39,7 @@ import media
 import rf
 import wan
 from tiny_data import shapes
+from tiny_data.caption_encoder import CaptionEncoder
 
 
 @dataclass
@@ -278,7 +279,7 @@ class Run:
             dit = rf.DiT(cfg).to(device)
         self.models = {"dit": dit}
         if not self.real_wan:                              # the toy learns its caption encoder; Wan's umT5 is frozen
-            self.models["text_encoder"] = rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len).to(device)
+            self.models["text_encoder"] = CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len).to(device)
         # the EMA starts as a copy of each model (on --resume both are then overwritten from the checkpoint)
         self.emas = {name: copy.deepcopy(m).requires_grad_(False).eval() for name, m in self.models.items()}
         self.params = [p for m in self.models.values() for p in m.parameters()]

@@ -410,10 +410,11 @@ def test_reported_sparsity_is_one_minus_k_over_history(k):
 def test_sample_routing_plot(tmp_path, capsys):
     import sample
     from tiny_data import shapes
+    from tiny_data.caption_encoder import CaptionEncoder
 
     def checkpoint(name, **routing):
         cfg = rf.preset("toy", **TINY, **routing)
-        enc = rf.CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len)
+        enc = CaptionEncoder(len(shapes.VOCAB), cfg.text_dim, cfg.text_len)
         checkpoints.save_checkpoint(tmp_path / name, {"dit": rf.DiT(cfg).state_dict(), "text_encoder": enc.state_dict()},
                            {"config": checkpoints.config_to_dict(cfg), "vocab": shapes.VOCAB, "step": 0, "stage": "test"})
         return str(tmp_path / name)

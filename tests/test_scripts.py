@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import rf
 import sample
 import train
+from tiny_data.caption_encoder import CaptionEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "32", "--ffn_dim", "64", "--num_heads", "2", "--num_layers", "1", "--batch_size", "2",
@@ -112,7 +113,7 @@ def test_resumed_optimizer_state_is_aligned(tmp_path):
     tensors = checkpoints.load_checkpoint(tmp_path / "latest")[1]["train_state"]
     assert any(v.data_ptr() % 64 for v in tensors.values())        # as read: some are not aligned
     model = rf.DiT(rf.preset("toy", dim=32, ffn_dim=64, num_heads=2, num_layers=1))
-    encoder = rf.CaptionEncoder(len(json.loads((tmp_path / "latest" / "meta.json").read_text())["vocab"]), 64, 8)
+    encoder = CaptionEncoder(len(json.loads((tmp_path / "latest" / "meta.json").read_text())["vocab"]), 64, 8)
     opt = torch.optim.AdamW([*model.parameters(), *encoder.parameters()])
     meta = json.loads((tmp_path / "latest" / "meta.json").read_text())
     checkpoints.load_optimizer(opt, {k: v for k, v in tensors.items() if k != "rng"}, meta["param_groups"])

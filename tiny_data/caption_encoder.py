@@ -1,0 +1,23 @@
+"""The toy's text encoder: a stand-in for Wan's umT5, learned with the DiT (train.py trains both)."""
+
+import torch
+import torch.nn as nn
+
+
+class CaptionEncoder(nn.Module):
+    """Stands in for umT5 in the toy: token ids (B, Lt) -> features (B, Lt, text_dim), zero at padding (id 0).
+
+    One small transformer layer, so a colour can bind to the shape after it. Zeroing the padded rows mirrors
+    Wan's zero-padded text; the empty caption (all padding) is the unconditional prompt of CFG."""
+
+    def __init__(self, vocab_size, text_dim, text_len):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, text_dim)
+        self.pos = nn.Parameter(torch.randn(text_len, text_dim) * 0.02)
+        self.layer = nn.TransformerEncoderLayer(text_dim, nhead=2, dim_feedforward=2 * text_dim,
+                                                dropout=0.0, batch_first=True, norm_first=True)
+
+    def forward(self, ids):
+        x = self.layer(self.embed(ids) + self.pos[: ids.shape[1]])
+        return x * (ids != 0).unsqueeze(-1)
+
