@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,7 @@ class Train:
     grad_accum: int = 1               # micro-batches per optimizer step (gradients summed before the step)
     clip_frames: int = 8              # frames per training clip (4 chunks of 2 in the toy; Wan: video frames, 1 + 4k)
     lr: float = 2e-3                  # AdamW learning rate
+    lr_decay: bool = False            # cosine decay of the lr from --lr to --lr / 10 over the run's --steps
     weight_decay: float = 0.0         # AdamW weight decay
     grad_clip: float = 1.0            # clip the gradient norm to this
     ema: float = 0.995                # decay of the weights' moving average, which sampling uses
@@ -149,6 +151,8 @@ def train_step(run, step):
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, train.grad_clip)     # the same in every process
     if not torch.isfinite(grad_norm):
         return mode, losses, chunk_loss, chunk_t, f"non-finite gradient (loss {losses.mean().item():.4f})"
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(train, step)
     run.opt.step()
     with torch.no_grad():
         decay = min(train.ema, (1 + step) / (10 + step))
@@ -156,6 +160,14 @@ def train_step(run, step):
             for pe, p in zip(run.emas[name].parameters(), m.parameters()):
                 pe.lerp_(p, 1 - decay)
     return mode, losses, chunk_loss, chunk_t, None
+
+
+def learning_rate(train, step):
+    """--lr, or with --lr_decay a cosine from --lr down to --lr / 10 at --steps: a function of the step alone, so a
+    resumed run sets the same lr as the uninterrupted one."""
+    if not train.lr_decay:
+        return train.lr
+    return train.lr * (0.55 + 0.45 * math.cos(math.pi * min(step / train.steps, 1.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
