@@ -191,15 +191,3 @@ def say_from(rank):
     """print on rank 0, nothing elsewhere: one process speaks."""
     return print if rank == 0 else (lambda *a, **k: None)
 
-
-def exit_quietly_on_errors(errors=(OSError, ValueError)):
-    """Decorator for a script's main: these errors end the script in one line (cli.fail), not a traceback."""
-    def wrap(main):
-        def run(*args, **kwargs):
-            try:
-                return main(*args, **kwargs)
-            except errors as e:
-                fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return run
-    return wrap
-
