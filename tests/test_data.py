@@ -12,7 +12,12 @@ from tiny_data.shapes import (
 
 @pytest.fixture(scope="module")
 def small():
-    return make_dataset(seed=123, num_clips=32, num_frames=64)
+    return make_dataset(seed=123, num_clips=32, num_frames=64, max_objects=2)   # two objects: the harder case
+
+
+def test_shipped_data_has_one_object_per_clip():
+    assert shapes.SHIPPED_OBJECTS == 1
+    assert np.all(load_dataset(TEST_PATH)["num_objects"] == 1)
 
 
 def test_same_seed_same_data():
@@ -186,3 +191,71 @@ def test_shipped_train_matches_generator():
 def test_shipped_files_small():
     total = sum(p.stat().st_size for p in TRAIN_PATH.parent.glob("*.npz"))
     assert total <= 10 * 1024 * 1024
+
+
+# ----------------------------------------------------------------------------
+# Exact motion (issue 14): whole pixels, exact translates, exact bounces
+# ----------------------------------------------------------------------------
+
+def folded(p0, v, num_frames, low, high):
+    """Closed form of a bounce between walls low and high (whole pixels): the free path p0 + v t, folded back
+    into [low, high] by reflection (a triangle wave of period 2 (high - low)). Independent of simulate's loop."""
+    span = high - low
+    u = np.mod(p0 - low + v * np.arange(num_frames), 2 * span)
+    return low + np.where(u <= span, u, 2 * span - u)
+
+
+def test_motion_is_whole_pixels_and_bounces_are_exact_reflections():
+    data = make_dataset(seed=3, num_clips=200, num_frames=48)
+    bounces = 0
+    for i in range(200):
+        for j in range(data["num_objects"][i]):
+            pixel = data["centres"][i, :, j] - 0.5              # the pixel holding the centre
+            np.testing.assert_array_equal(pixel, np.round(pixel))   # on a pixel centre, every frame
+            r = int(data["radii"][i, j])
+            step = np.diff(pixel, axis=0)
+            assert np.all(np.abs(step) <= shapes.MAX_SPEED)
+            for axis in range(2):
+                p, v0 = pixel[:, axis], step[0, axis]
+                # The first step is free unless the object starts at a wall; either way the closed form
+                # with the initial velocity must reproduce the whole path.
+                v_init = v0 if r < p[0] < FRAME_SIZE - 1 - r else None
+                if v_init is None:
+                    continue
+                np.testing.assert_array_equal(p, folded(p[0], v_init, len(p), r, FRAME_SIZE - 1 - r))
+                bounces += int(np.sum(np.diff(np.sign(step[:, axis])) != 0))
+    assert bounces > 100                                        # bounces really happen
+
+
+def test_each_frame_is_the_exact_translate_of_the_one_before():
+    """Each object alone: its frame t + 1 is its frame t moved by the whole-pixel step (no pixel changes shape),
+    and for one-object clips the whole frame is."""
+    data = make_dataset(seed=4, num_clips=60, num_frames=32)
+    checked = 0
+    for i in range(60):
+        for j in range(data["num_objects"][i]):
+            obj = {"colour": COLOURS[data["colours"][i, j]], "shape": SHAPES[data["shapes"][i, j]],
+                   "radius": float(data["radii"][i, j])}
+            alone = shapes.render([obj], data["centres"][i][:, j:j + 1])
+            step = np.diff(data["centres"][i][:, j], axis=0).astype(int)
+            for t in range(31):
+                dy, dx = step[t]
+                moved = np.roll(alone[t], (dy, dx), axis=(0, 1))
+                np.testing.assert_array_equal(moved, alone[t + 1])
+                assert alone[t, :, :, :].any(axis=-1).sum() == alone[t + 1].any(axis=-1).sum()   # no clipping
+                checked += 1
+        if data["num_objects"][i] == 1:
+            np.testing.assert_array_equal(data["frames"][i], shapes.render(
+                [{"colour": COLOURS[data["colours"][i, 0]], "shape": SHAPES[data["shapes"][i, 0]],
+                  "radius": float(data["radii"][i, 0])}], data["centres"][i][:, :1]))
+    assert checked > 1000
+
+
+def test_a_wrong_bounce_would_fail_the_closed_form():
+    """The closed form is strict: stopping one pixel short of the wall, or sticking a frame at it, differs."""
+    exact = folded(5, 1, 20, 3, 12)
+    assert exact.max() == 12 and exact.min() == 3
+    short = folded(5, 1, 20, 3, 11)
+    assert not np.array_equal(exact, short)
+    sticky = np.concatenate([exact[:8], [exact[7]], exact[8:19]])
+    assert not np.array_equal(exact, sticky)

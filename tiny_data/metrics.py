@@ -2,7 +2,7 @@
 
 Given clean prefix frames of a test clip, the rest of the clip is fixed by the
 physics (constant velocity, wall bounces), so a generated continuation can be
-scored frame by frame against the simulator's truth. Three metrics:
+scored frame by frame against the simulator's truth. Four metrics:
 
 * ``colour_error``        how far pixels are from the allowed colours (the 4
                            palette colours plus the black background). Blur,
@@ -11,6 +11,10 @@ scored frame by frame against the simulator's truth. Three metrics:
                            (by colour), no more and no fewer, else 0.0.
 * ``motion_error``        distance in pixels between each object's tracked
                            centre and its true centre.
+* ``shape_fidelity``      per object, the overlap (IoU) of the pixels of its
+                           colour with its true pixels: 1.0 is the exact shape
+                           at the exact place; a blob, a smear, a 1-pixel shift
+                           or a missing object all lower it (issue 14).
 
 Every metric is a pure numpy function returning one value per frame, shape
 (F,), so you can plot it against the frame index. ``evaluate`` runs all three
@@ -45,15 +49,15 @@ clips of test.npz (64 frames each; the numbers are measured by
 
 * colour error: exactly 0 (every pixel is a palette colour or black);
 * persistence:  exactly 1 in every frame;
-* motion error: NOT 0. Shapes are rasterised with hard edges, so the centroid
-  of an object's pixels differs from its true (sub-pixel) centre; a partly
-  occluded object's visible pixels are off-centre too. Triangles have their
-  area centroid below the centre of their bounding square; we correct for
-  that known offset (see ``centroid_offset``), but not for the rest.
-  Measured floor: mean 0.28 px, 99th percentile 0.81 px, max 1.39 px per
-  frame (over all 8192 frames; the max is an overlap frame, frames without
-  overlap stay below 0.7 px). Differences between methods smaller than this
-  floor mean nothing.
+* shape fidelity: exactly 1 in every frame (the truth's pixels are its own
+  true pixels);
+* motion error: 0 (up to float rounding, < 1e-12 px) on the shipped one-object
+  clips: every centre sits on a pixel centre, and the triangle's centroid
+  offset is measured on its rasterised pixels (see ``centroid_offset``). NOT 0
+  when objects overlap (two-object clips, ``make_dataset(max_objects=2)``): a
+  partly occluded object's visible pixels are off-centre, up to 1.5 px, 99% of
+  frames within 1 px. Differences between methods smaller than the floor
+  mean nothing.
 """
 
 from __future__ import annotations
@@ -144,12 +148,22 @@ def centroid_offset(shape: str, radius: float) -> np.ndarray:
 
     Circles and squares are symmetric (0, 0). Our triangle has its apex at
     dy = -r and its base at dy = +r, so its centroid is 2/3 of the way down:
-    dy = +r/3. The tracker subtracts this so that it estimates the centre used
+    dy = +r/3 for the continuous shape. The tracker subtracts this so that it estimates the centre used
     by the simulator rather than the centroid.
+
+    With the whole-pixel motion of issue 14 a shape is always rasterised on the
+    same grid (its centre on a pixel centre), so the offset of its PIXELS'
+    centroid is exact and known: we measure it once on the rasterised shape
+    (28/31 = 0.90 px for the r = 3 triangle, not quite r/3 = 1). The floor of
+    an unoccluded object is then 0 up to float rounding.
     """
-    if shape == "triangle":
-        return np.array([radius / 3.0, 0.0])
-    return np.zeros(2)
+    from tiny_data.shapes import shape_mask
+    if shape != "triangle":
+        return np.zeros(2)
+    k = int(np.ceil(radius)) + 1                  # a grid the shape fits in, centre on pixel (k, k)
+    mask = shape_mask(shape, (k + 0.5, k + 0.5), radius, 2 * k + 1)
+    ys, xs = np.nonzero(mask)
+    return np.array([ys.mean() - k, xs.mean() - k])
 
 
 # ----------------------------------------------------------------------------
@@ -262,6 +276,59 @@ def motion_error(frames, true_centres, colours, shapes=None, radii=None,
         return total / scored
 
 
+def shape_fidelity(frames, true_centres, colours, shapes, radii,
+                   min_pixels: int = MIN_PIXELS, visible=None) -> np.ndarray:
+    """Shape fidelity per frame, float (F,), in [0, 1]: 1 is perfect.
+
+    For each object: the intersection over union (IoU) of two pixel sets,
+
+      * generated: the pixels that snap to the object's colour, and
+      * true:      the object's pixels in the re-rendered truth (what shows of
+                   it; a part hidden behind a later object is not its pixel),
+
+    so the right shape, at the right place, of the right colour scores 1, and
+    a blob, a smeared edge, a shift, a wrong shape or extra pixels of that
+    colour score less. A missing object scores 0. The frame's value is the
+    mean over its scored objects: objects hidden in the truth (``visible``
+    False, see ``visible_objects``) are not scored in that frame.
+
+    Why IoU per object and not a pixel accuracy over the frame: the frame is
+    mostly background, which any dark blur gets right; IoU only counts the
+    object's own pixels. How it reads, on the 7x7 shapes of the toy (numbers
+    from the test clips, see tests/test_metrics.py): the truth scores exactly
+    1; shifted by one pixel along one axis 0.62, diagonally 0.49; a 3x3 box
+    blur 0.81 (its corners and edges snap to black); one of two objects
+    removed 0.49. So 0.6 means "about one pixel off", not "the right blob".
+
+    true_centres: (F, K, 2) (y, x); colours, shapes: (K,) indices (-1 = none);
+    radii: (K,). Must match the frames (same F).
+    """
+    labels = snap(frames)                                 # (F, H, W)
+    num_frames, h, w = labels.shape
+    true_centres = np.asarray(true_centres, dtype=np.float64)
+    colours, shapes = np.asarray(colours).reshape(-1), np.asarray(shapes).reshape(-1)
+    if visible is None:
+        visible = visible_objects(true_centres, colours, shapes, radii, h, min_pixels)
+    slots = [k for k in range(len(colours)) if colours[k] >= 0]
+    objects = [{"colour": COLOURS[colours[k]], "shape": SHAPES[shapes[k]],
+                "radius": float(radii[k])} for k in slots]
+    truth = render(objects, true_centres[:, slots], h)    # (F, H, W, 3), exact
+    total = np.zeros(num_frames)
+    scored = np.zeros(num_frames)
+    for k in slots:
+        colour = colours[k]
+        true = (truth == PALETTE[COLOURS[colour]]).all(axis=-1)   # (F, H, W)
+        made = labels == colour
+        inter = (true & made).sum(axis=(1, 2))
+        union = (true | made).sum(axis=(1, 2))
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        use = np.asarray(visible)[:, k]
+        total += np.where(use, iou, 0.0)
+        scored += use
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / scored
+
+
 # ----------------------------------------------------------------------------
 # Everything at once
 # ----------------------------------------------------------------------------
@@ -276,7 +343,7 @@ def evaluate(frames, clip_info: dict, min_pixels: int = MIN_PIXELS) -> dict:
         E.g. ``{k: data[k][i] for k in ("centres", "colours", "shapes", "radii")}``.
 
     Returns a dict of per-frame float arrays (F,): "colour_error",
-    "persistence", "motion_error". Occlusion in the truth is accounted for
+    "persistence", "motion_error", "shape_fidelity". Occlusion in the truth is accounted for
     with ``visible_objects``.
     """
     frames = np.asarray(frames)
@@ -290,6 +357,8 @@ def evaluate(frames, clip_info: dict, min_pixels: int = MIN_PIXELS) -> dict:
         "persistence": object_persistence(frames, colours, min_pixels, visible),
         "motion_error": motion_error(frames, centres, colours, shapes, radii,
                                      min_pixels, visible),
+        "shape_fidelity": shape_fidelity(frames, centres, colours, shapes, radii,
+                                         min_pixels, visible),
     }
 
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# experiments/drift_runs.sh -- the long teacher-forcing vs Resampling Forcing pair of issue 14, on a CPU.
+#
+#   nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &
+#   STEPS=16000 nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &     # extend both (rerun: it resumes)
+#
+# One shared teacher-forcing warm-up (WARMUP steps, 2 threads), then two branches from its last checkpoint, side by
+# side at 1 thread each, to STEPS in all: teacher forcing (--degrade none) and Resampling Forcing (autoregressive
+# self-resampling, s = 0.6). Same data, seed, batch and steps; only the history degradation differs.
+# Every run checkpoints every 500 steps and resumes exactly, so rerunning the script (after a kill, or with a
+# larger STEPS) goes on where it stopped. Evaluate with
+#   python experiments/tune_toy.py $OUT/tf $OUT/rf --clips 64 --png $OUT/tf_vs_rf.png
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/drift}
+WARMUP=${WARMUP:-3000}
+STEPS=${STEPS:-9000}
+COMMON=(--train_shift 3 --warmup_steps "$WARMUP" --batch_size 8 --clip_frames 8 --seed 0 --ckpt_every "${CKPT_EVERY:-500}"
+        --keep_last "${KEEP:-2}" --no-sample)
+WARM_KEEP=(--keep_last 20)   # every warm-up checkpoint stays: the quick-start candidates are read from them
+
+resume() { [ -e "$1/latest" ] && echo --resume || true; }
+
+if [ ! -e "$OUT/warmup/step_$(printf %07d "$WARMUP")" ]; then
+    echo "== warm-up: teacher forcing to step $WARMUP ($(date -u +%H:%M))"
+    OMP_NUM_THREADS=2 python train.py --out "$OUT/warmup" --steps "$WARMUP" "${COMMON[@]}" "${WARM_KEEP[@]}" $(resume "$OUT/warmup")
+fi
+for b in tf rf; do
+    if [ ! -e "$OUT/$b/latest" ]; then                 # branch: a copy of the warm-up's last checkpoint
+        mkdir -p "$OUT/$b"
+        cp -r "$OUT/warmup/step_$(printf %07d "$WARMUP")" "$OUT/$b/"
+        ln -sfn "step_$(printf %07d "$WARMUP")" "$OUT/$b/latest"
+    fi
+done
+echo "== branches to step $STEPS ($(date -u +%H:%M))"
+OMP_NUM_THREADS=1 python train.py --out "$OUT/tf" --steps "$STEPS" "${COMMON[@]}" --resume \
+    --degrade none > "$OUT/tf.log" 2>&1 &
+TF=$!
+OMP_NUM_THREADS=1 python train.py --out "$OUT/rf" --steps "$STEPS" "${COMMON[@]}" --resume \
+    --degrade autoregressive --resample_shift 0.6 > "$OUT/rf.log" 2>&1 &
+RF=$!
+wait $TF $RF
+echo "== done ($(date -u +%H:%M)): python experiments/tune_toy.py $OUT/tf $OUT/rf --clips 64 --png $OUT/tf_vs_rf.png"

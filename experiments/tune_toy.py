@@ -1,0 +1,159 @@
+"""
+experiments/tune_toy.py -- how good is a toy checkpoint at continuing a clip? (issue 14)
+
+    python experiments/tune_toy.py runs/toy                       # one run (its `latest`), 64 held-out clips
+    python experiments/tune_toy.py runs/tf runs/rf --clips 64 --png runs/tf_vs_rf.png   # a paired comparison
+    python experiments/tune_toy.py runs/toy --steps 32 --shift 3 --cfg 1 --no-ema        # sampler settings
+
+Every number is tiny_data.metrics.shape_fidelity (per object, the IoU of the generated pixels of its colour with its
+true pixels; 1 is perfect, a one-pixel shift scores about 0.62) on the held-out clips of tiny_data/test.npz, as the
+mean over clips with a 95% interval (1.96 standard errors over clips):
+
+  one-step     the x0 the model predicts in ONE step from pure noise (t = 1), given the first chunk clean, against
+               the true second chunk: what the model "expects" next. Pure noise carries no information, so this is
+               what the model takes from the history alone.
+  chunk 1      the first generated chunk of a full rollout (the sampler's steps, shift, CFG), given the first chunk.
+  1x           every generated frame within the training clip length L (frames fpc .. L-1).
+  2x, 4x       frames L .. 2L-1 and 3L .. 4L-1 (as experiments/evidence.py scores them).
+
+With two runs or more, each later run is also compared with the first, paired per clip (same clips, same seeds).
+--png writes a contact sheet: per clip, the truth, then each run's rollout; a red bar marks the frames past L.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import checkpoints  # noqa: E402
+import media  # noqa: E402
+import rf  # noqa: E402
+from tiny_data import metrics, shapes  # noqa: E402
+
+KEYS = ("centres", "colours", "shapes", "radii")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders (their `latest`) or checkpoint folders")
+    p.add_argument("--clips", type=int, default=64, help="held-out clips (the first N of test.npz)")
+    p.add_argument("--frames", type=int, default=0, help="rollout length (default 4x the training clip length)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+    p.add_argument("--shift", type=float, default=None)
+    p.add_argument("--cfg", type=float, default=None)
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--png", default="", help="write a contact sheet of the first --png_clips clips here")
+    p.add_argument("--png_clips", type=int, default=8)
+    p.add_argument("--json", default="", help="write the numbers here")
+    p.add_argument("--test", default=str(shapes.TEST_PATH), help="held-out clips (an .npz of tiny_data/shapes.py)")
+    return p.parse_args(argv)
+
+
+def checkpoint(path):
+    path = Path(path)
+    return path / "latest" if (path / "latest").exists() else path
+
+
+def fidelity(videos, test, start):
+    """(N, F', H, W, 3) uint8 frames start .. start+F'-1 of the test clips -> per-frame shape fidelity (N, F')."""
+    n, f = videos.shape[:2]
+    return np.stack([metrics.shape_fidelity(videos[i], test["centres"][i][start:start + f],
+                                            *(test[k][i] for k in KEYS[1:])) for i in range(n)])
+
+
+def mean_ci(per_clip):
+    per_clip = np.asarray(per_clip, dtype=np.float64)
+    return float(per_clip.mean()), float(1.96 * per_clip.std(ddof=1) / np.sqrt(len(per_clip)))
+
+
+def evaluate_run(run, test, args):
+    dit, text_encoder, meta = checkpoints.load_models(str(checkpoint(run)), args.ema, torch.device("cpu"))
+    cfg, fpc = dit.cfg, dit.cfg.frames_per_chunk
+    L = meta["train"]["clip_frames"]
+    frames = args.frames or 4 * L
+    one_step, rollouts = [], []
+    t0 = time.time()
+    for i in range(0, args.clips, args.batch):
+        j = min(i + args.batch, args.clips)
+        truth = media.from_uint8(test["frames"][i:j])                                 # (n, F, 3, H, W)
+        ids = torch.from_numpy(shapes.tokenize_all(test["captions"][i:j], cfg.text_len))
+        with torch.no_grad():
+            context = text_encoder(ids)
+            neg = text_encoder(torch.from_numpy(shapes.tokenize_all([""], cfg.text_len)))
+            # One Euler step from t = 1 to 0 is x0 = eps - v: the model's one-step prediction of the next chunk.
+            x0 = rf.generate(dit, context, 2 * fpc, steps=1, cfg_scale=1.0, prefix=truth[:, :fpc], seed=1000 + i)
+            video = rf.generate(dit, context, frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+                                neg_context=neg, prefix=truth[:, :fpc], seed=1000 + i)
+        one_step.append(media.to_uint8(x0[:, fpc:]))
+        rollouts.append(media.to_uint8(video))
+    seconds = time.time() - t0
+    one_step, rollouts = np.concatenate(one_step), np.concatenate(rollouts)
+    per_frame = fidelity(rollouts[:, fpc:], test, fpc)                    # generated frames only: (N, frames - fpc)
+    windows = {"chunk 1": (fpc, 2 * fpc), "1x": (fpc, L), "2x": (L, 2 * L), "4x": (3 * L, 4 * L)}
+    per_clip = {"one-step": fidelity(one_step, test, fpc).mean(1)}
+    for name, (a, b) in windows.items():
+        if b <= frames:
+            per_clip[name] = per_frame[:, a - fpc:b - fpc].mean(1)
+    info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L,
+                sampler=dict(steps=args.steps or cfg.sample_steps, shift=args.shift or cfg.sample_shift,
+                             cfg=cfg.sample_cfg if args.cfg is None else args.cfg, ema=args.ema),
+                seconds=round(seconds, 1))
+    return info, per_clip, rollouts, L
+
+
+def contact_sheet(truth, rollouts, names, L, path, clips, scale=3, gap=2):
+    """Per clip: the truth, then each run; one column per frame; a red bar over frames >= L."""
+    n_rows = 1 + len(rollouts)
+    F_, H, W = rollouts[0].shape[1:4]
+    cell_w, cell_h, label = W * scale + gap, H * scale + gap, 90
+    sheet = Image.new("RGB", (label + F_ * cell_w, clips * (n_rows * cell_h + 6)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for c in range(clips):
+        for r, (name, video) in enumerate([("truth", truth)] + list(zip(names, rollouts))):
+            y = c * (n_rows * cell_h + 6) + r * cell_h
+            draw.text((2, y + 2), f"{c}: {name}"[:14], fill=(0, 0, 0))
+            for f in range(F_):
+                img = Image.fromarray(video[c, f]).resize((W * scale, H * scale), Image.NEAREST)
+                x = label + f * cell_w
+                sheet.paste(img, (x, y))
+                if f >= L:
+                    draw.rectangle([x, y, x + W * scale - 1, y + 1], fill=(220, 40, 40))
+    sheet.save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    test = shapes.load_dataset(args.test)
+    results, per_clips, videos = [], [], []
+    for run in args.runs:
+        info, per_clip, rollouts, L = evaluate_run(run, test, args)
+        results.append(info | {k: mean_ci(v) for k, v in per_clip.items()})
+        per_clips.append(per_clip)
+        videos.append(rollouts)
+        cells = "  ".join(f"{k} {m:.3f}±{h:.3f}" for k, v in per_clip.items() for m, h in [mean_ci(v)])
+        print(f"{run} (step {info['step']}, {info['stage']}, {args.clips} clips, {info['seconds']} s): {cells}",
+              flush=True)
+    for run, per_clip in zip(args.runs[1:], per_clips[1:]):
+        diff = {k: mean_ci(per_clip[k] - per_clips[0][k]) for k in per_clip if k in per_clips[0]}
+        print(f"{run} minus {args.runs[0]} (paired): " +
+              "  ".join(f"{k} {m:+.3f}±{h:.3f}" for k, (m, h) in diff.items()))
+        results.append(dict(paired=f"{run} - {args.runs[0]}", **diff))
+    if args.png:
+        names = [Path(r).name for r in args.runs]
+        contact_sheet(test["frames"][:args.png_clips, :videos[0].shape[1]], [v[:args.png_clips] for v in videos],
+                      names, L, args.png, args.png_clips)
+        print(f"wrote {args.png}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
