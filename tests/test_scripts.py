@@ -180,3 +180,46 @@ def test_dry_run_prints_wan_memory_without_allocating(capsys):
     train.main(["--preset", "wan2.1-t2v-1.3b", "--dry_run"])
     text = capsys.readouterr().out
     assert "1,418,996,800 parameters" in text and "total, checkpointing" in text and "KV cache" in text
+
+
+def test_compare_labels_red_bar_and_frames(tmp_path, capsys):
+    """--compare names each column by its method (from the checkpoint's meta), the GIF's red bar starts at the
+    training length (not at the prefix), and --save_frames writes every rollout as uint8 arrays."""
+    tf, rf_ = ROOT / "checkpoints" / "toy_tf", ROOT / "checkpoints" / "toy_ar_s0.6"
+    out = tmp_path / "cmp"
+    sample.main(["--ckpt", str(tf), "--compare", str(rf_), "--frames", "12", "--num", "2", "--steps", "1",
+                 "--out", str(out), "--save_frames"])
+    assert "columns: truth | teacher forcing | RF s=0.6" in capsys.readouterr().out
+    arrays = np.load(out / "frames.npz")
+    assert sorted(arrays.files) == sorted(["truth", "teacher forcing", "RF s=0.6"])
+    for name in arrays.files:
+        assert arrays[name].dtype == np.uint8 and arrays[name].shape == (2, 12, 16, 16, 3), name
+    assert np.array_equal(arrays["truth"][:, :2], arrays["RF s=0.6"][:, :2])      # the prefix is the truth
+    train_frames = json.loads((tf / "meta.json").read_text())["train"]["clip_frames"]
+    gif = Image.open(out / "samples.gif")
+    bar = []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        r, g, b = gif.convert("RGB").getpixel((gif.width // 2, 1))
+        bar.append(r > 200 and g < 80 and b < 80)
+    assert bar == [i >= train_frames for i in range(12)]
+
+
+def test_method_labels():
+    cfg = dict(degrade="autoregressive", resample_shift=0.6, top_k=None, window=None)
+    assert sample.method_label(dict(stage="teacher_forcing", config=cfg)) == "teacher forcing"
+    assert sample.method_label(dict(stage="resampling_forcing", config={**cfg, "degrade": "none"})) == "teacher forcing"
+    assert sample.method_label(dict(stage="resampling_forcing", config=cfg)) == "RF s=0.6"
+    assert sample.method_label(dict(stage="resampling_forcing", config={**cfg, "top_k": 2})) == "RF s=0.6 top-2"
+    assert sample.method_label(dict(stage="resampling_forcing", config={**cfg, "degrade": "noise"})) == \
+        "noise augmentation"
+    assert sample.method_label(dict(stage="resampling_forcing", config={**cfg, "degrade": "parallel",
+                                                                        "resample_shift": 3.0})) == \
+        "parallel resampling s=3"
+
+
+def test_a_teacher_forcing_run_never_calls_itself_resampling_forcing(tmp_path):
+    run_train(tmp_path / "w", "--steps", "2", "--warmup_steps", "2", "--no-sample")       # all warm-up
+    assert json.loads((tmp_path / "w" / "latest" / "meta.json").read_text())["stage"] == "teacher_forcing"
+    run_train(tmp_path / "n", "--steps", "3", "--warmup_steps", "1", "--degrade", "none", "--no-sample")
+    assert json.loads((tmp_path / "n" / "latest" / "meta.json").read_text())["stage"] == "teacher_forcing"
