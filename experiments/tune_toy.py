@@ -15,6 +15,9 @@ mean over clips with a 95% interval (1.96 standard errors over clips):
   chunk 1      the first generated chunk of a full rollout (the sampler's steps, shift, CFG), given the first chunk.
   1x           every generated frame within the training clip length L (frames fpc .. L-1).
   2x, 4x       frames L .. 2L-1 and 3L .. 4L-1 (as experiments/evidence.py scores them).
+  true@L,      one chunk generated after L (or 2L - fpc) TRUE frames: what the model makes past the training length
+  true@2L      when its history is perfect. Where these fall as far as 2x does, the fall past the training length
+               is the model meeting positions and history lengths it never trained on, not its own errors piling up.
 
 With two runs or more, each later run is also compared with the first, paired per clip (same clips, same seeds).
 --png writes a contact sheet: per clip, the truth, then each run's rollout; a red bar marks the frames past L.
@@ -78,7 +81,7 @@ def evaluate_run(run, test, args):
     cfg, fpc = dit.cfg, dit.cfg.frames_per_chunk
     L = meta["train"]["clip_frames"]
     frames = args.frames or 4 * L
-    one_step, rollouts = [], []
+    one_step, rollouts, true_at = [], [], {L: [], 2 * L - fpc: []}
     t0 = time.time()
     for i in range(0, args.clips, args.batch):
         j = min(i + args.batch, args.clips)
@@ -91,6 +94,10 @@ def evaluate_run(run, test, args):
             x0 = rf.generate(dit, context, 2 * fpc, steps=1, cfg_scale=1.0, prefix=truth[:, :fpc], seed=1000 + i)
             video = rf.generate(dit, context, frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
                                 neg_context=neg, prefix=truth[:, :fpc], seed=1000 + i)
+            for P in true_at:                  # one chunk after P true frames (the test clips are long enough)
+                true_at[P].append(media.to_uint8(rf.generate(dit, context, P + fpc, steps=args.steps,
+                                                             shift=args.shift, cfg_scale=args.cfg, neg_context=neg,
+                                                             prefix=truth[:, :P], seed=1000 + i)[:, P:]))
         one_step.append(media.to_uint8(x0[:, fpc:]))
         rollouts.append(media.to_uint8(video))
     seconds = time.time() - t0
@@ -101,6 +108,8 @@ def evaluate_run(run, test, args):
     for name, (a, b) in windows.items():
         if b <= frames:
             per_clip[name] = per_frame[:, a - fpc:b - fpc].mean(1)
+    for P, name in zip(true_at, ("true@L", "true@2L")):
+        per_clip[name] = fidelity(np.concatenate(true_at[P]), test, P).mean(1)
     info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L,
                 sampler=dict(steps=args.steps or cfg.sample_steps, shift=args.shift or cfg.sample_shift,
                              cfg=cfg.sample_cfg if args.cfg is None else args.cfg, ema=args.ema),

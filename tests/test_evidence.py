@@ -68,3 +68,19 @@ def test_shipped_checkpoints_sample_side_by_side(tmp_path, capsys):
     assert "degrade none" in printed and "degrade autoregressive" in printed
     assert "columns: truth | teacher forcing | RF s=0.6" in printed      # columns named by method (issue 14)
     assert (tmp_path / "samples.gif").stat().st_size > 0
+
+
+def test_tune_toy_scores_two_checkpoints_paired(tmp_path, capsys):
+    """experiments/tune_toy.py end to end on the shipped pair, few clips and one sampler step: every window is
+    scored, the second run is compared with the first, and the numbers land in the JSON."""
+    import tune_toy
+    tf, rf_ = ROOT / "checkpoints" / "toy_tf", ROOT / "checkpoints" / "toy_ar_s0.6"
+    tune_toy.main([str(tf), str(rf_), "--clips", "3", "--steps", "1", "--json", str(tmp_path / "r.json"),
+                   "--png", str(tmp_path / "r.png"), "--png_clips", "2"])
+    printed = capsys.readouterr().out
+    assert "(paired)" in printed and (tmp_path / "r.png").stat().st_size > 1000
+    results = json.loads((tmp_path / "r.json").read_text())
+    for key in ("one-step", "chunk 1", "1x", "2x", "4x", "true@L", "true@2L"):
+        mean, ci = results[0][key]
+        assert 0 <= mean <= 1 and ci >= 0, key
+    assert results[2]["paired"].endswith(str(tf)) and "1x" in results[2]
