@@ -180,3 +180,43 @@ def test_latest_follows_every_save(tmp_path):
     run_train(tmp_path, "--steps", "2", "--ckpt_every", "1", "--keep_last", "1", "--no-sample")
     assert (tmp_path / "latest").resolve().name == "step_0000002"
     assert not (tmp_path / "latest.tmp").exists() and checkpoints.load_checkpoint(tmp_path / "latest")[0]["step"] == 2
+
+
+def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    """A corrupt newest checkpoint: --resume says so and goes on from the one before; --resume PATH picks one."""
+    run_train(tmp_path, "--steps", "4", "--ckpt_every", "2", "--no-sample")
+    newest = tmp_path / "step_0000004" / "dit.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])                     # truncated, as a disk full mid-copy leaves it
+    run_train(tmp_path, "--steps", "6", "--resume", "--no-sample")
+    printed = capsys.readouterr().out
+    assert "step_0000004" in printed and "corrupt" in printed and "resumed from" in printed
+    assert "step_0000002 at step 2" in printed
+    run_train(tmp_path, "--steps", "8", "--resume", str(tmp_path / "step_0000006"), "--no-sample")
+    assert "resumed from" in capsys.readouterr().out and (tmp_path / "step_0000008").is_dir()
+
+
+def test_resume_with_steps_at_or_below_the_saved_step_is_one_line(tmp_path):
+    run_train(tmp_path, "--steps", "2", "--no-sample")
+    for steps in ([], ["--steps", "2"], ["--steps", "1"]):        # a finished run; --steps is the total
+        with pytest.raises(SystemExit) as e:
+            run_train(tmp_path, "--resume", "--no-sample", *steps)
+        msg = str(e.value.code)
+        assert msg.startswith("error:") and "at step 2" in msg and "\n" not in msg, msg
+        assert "pass --steps" in msg
+
+
+def test_empty_data_folder_creates_nothing(tmp_path):
+    (tmp_path / "clips").mkdir()
+    with pytest.raises(SystemExit) as e:
+        run_train(tmp_path / "out", "--steps", "1", "--data", str(tmp_path / "clips"))
+    msg = str(e.value.code)
+    assert "no video files" in msg and "toy preset trains on clips" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_loss_plot_skips_an_empty_log(tmp_path):
+    import media
+    assert media.plot_losses([], tmp_path / "loss.png", 0, (0.0, 0.5, 1.0)) is False
+    assert not (tmp_path / "loss.png").exists()
+    assert media.plot_losses([dict(step=1, mode="none", bucket_loss=[0.5, None])], tmp_path / "loss.png", 0,
+                             (0.0, 0.5, 1.0)) and (tmp_path / "loss.png").stat().st_size > 1000
