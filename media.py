@@ -3,6 +3,8 @@ media.py -- pictures and videos: frames to uint8 and back, side-by-side grids, G
 the plots of the loss and of history routing.
 """
 
+import textwrap
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -21,9 +23,12 @@ def to_uint8(video):
 
 def grid_frames(rows, scale=4, gap=2, titles=None):
     """rows: list of rows, each a list of (F, H, W, 3) uint8 videos side by side. -> (F, H', W', 3): one grid image
-    per frame, upscaled by nearest neighbour so small frames stay crisp; `titles` (one per column) on a strip above."""
+    per frame, upscaled by nearest neighbour so small frames stay crisp; `titles` (one per column) on a strip above,
+    wrapped to the column's width."""
     F_, H, W, _ = rows[0][0].shape
-    cols, top = len(rows[0]), 14 if titles else 0
+    width = W * scale // 6                                                          # ~6 px per character
+    lines = [textwrap.wrap(t, width) or [""] for t in titles] if titles else []
+    cols, top = len(rows[0]), 12 * max(map(len, lines)) + 2 if titles else 0
     out = np.full((F_, top + len(rows) * (H * scale + gap) - gap, cols * (W * scale + gap) - gap, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, vid in enumerate(row):
@@ -33,8 +38,9 @@ def grid_frames(rows, scale=4, gap=2, titles=None):
     if titles:
         strip = Image.fromarray(out[0, :top])
         draw = ImageDraw.Draw(strip)
-        for c, title in enumerate(titles):
-            draw.text((c * (W * scale + gap) + 2, 2), title[:W * scale // 6], fill="black")   # ~6 px per character
+        for c, column in enumerate(lines):
+            for i, line in enumerate(column):
+                draw.text((c * (W * scale + gap) + 2, 1 + 12 * i), line, fill="black")
         out[:, :top] = np.asarray(strip)
     return out
 
