@@ -247,7 +247,8 @@ def settings(train, given, overrides):
     cfg = checkpoints.checkpoint_config(meta["config"], overrides, checkpoints.STAGE_FIELDS, "--resume")
     # the saved run settings, except those given now (--steps to go further; a new stage may change --data,
     # --clip_frames, --lr, ...; the resumed run is then no longer the uninterrupted one, by choice)
-    saved = {k: v for k, v in meta["train"].items() if k != "resume"}
+    known = {f.name for f in dataclasses.fields(Train)} - {"resume"}       # a field an older version had: ignored
+    saved = {k: v for k, v in meta["train"].items() if k in known}
     train = Train(**{**saved, **given, "out": str(out)})
     cli.check_ranges(train, TRAIN_RANGES)
     if train.steps <= meta["step"]:
