@@ -340,6 +340,7 @@ class Run:
 
     def close(self):
         if self.world > 1:
+            torch.distributed.barrier()          # no process leaves while rank 0 is still writing a checkpoint
             torch.distributed.destroy_process_group()
 
 

@@ -137,9 +137,9 @@ def contact_sheet(truth, rollouts, names, L, path, clips, scale=3, gap=2):
     sheet.save(path)
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_grad_enabled(False)
     test = shapes.load_dataset(args.test)
     results, per_clips, videos = [], [], []
     for run in args.runs:
