@@ -223,3 +223,12 @@ def test_a_teacher_forcing_run_never_calls_itself_resampling_forcing(tmp_path):
     assert json.loads((tmp_path / "w" / "latest" / "meta.json").read_text())["stage"] == "teacher_forcing"
     run_train(tmp_path / "n", "--steps", "3", "--warmup_steps", "1", "--degrade", "none", "--no-sample")
     assert json.loads((tmp_path / "n" / "latest" / "meta.json").read_text())["stage"] == "teacher_forcing"
+
+
+def test_sample_says_when_it_replaces_samples(tmp_path, capsys):
+    argv = ["--ckpt", str(ROOT / "checkpoints" / "toy_tf"), "--num", "1", "--frames", "4", "--steps", "1",
+            "--out", str(tmp_path / "s")]
+    sample.main(argv)
+    assert "replacing" not in capsys.readouterr().out
+    sample.main(argv)
+    assert f"note: replacing the samples in {tmp_path / 's'}" in capsys.readouterr().out
