@@ -177,9 +177,7 @@ def method_label(meta) -> str:
 def rollout(dit, text_encoder, captions, prefix, args, device):
     """One checkpoint's videos (N, F, 3, H, W) in [-1, 1]: rf.generate, chunk by chunk, with a progress bar."""
     fpc = dit.cfg.frames_per_chunk
-    with torch.no_grad():
-        context = text_encoder(torch.from_numpy(shapes.tokenize_all(captions, dit.cfg.text_len)).to(device))
-        neg_context = text_encoder(torch.from_numpy(shapes.tokenize_all([""], dit.cfg.text_len)).to(device))
+    context, neg_context = text_encoder.contexts(captions)
     P = 0 if prefix is None else prefix.shape[1]
     bar = tqdm(total=(args.frames - P) // fpc, desc="chunks", dynamic_ncols=True)
 
@@ -293,7 +291,7 @@ def main_wan(args, overrides, device, meta):
         # 2. the latents, chunk by chunk (bf16 on CUDA: fp32 islands, bf16 matmuls, as train.py trains)
         dit = wan.load_wan(weights, torch.bfloat16 if cuda else torch.float32, device, preset_name, **fields).eval()
         bar = tqdm(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with cli.autocast(device):
             latents = rf.generate(dit, context.to(device), num_latent, steps=args.steps, shift=args.shift,
                                   cfg_scale=args.cfg, neg_context=neg_context.to(device),
                                   size=(height // 8, width // 8), seed=args.seed, progress=lambda i: bar.update())

@@ -146,16 +146,13 @@ def train_all(args, out, timings):
 def rollouts(run, test, args, device):
     """-> generated frames (N, 32, H, W, 3) uint8 for the first args.clips test clips (EMA weights)."""
     dit, text_encoder, _ = checkpoints.load_models(str(run / "latest"), True, device)
-    cfg = dit.cfg
     videos = []
     for i in tqdm(range(0, args.clips, args.batch), desc=f"rollouts {run.name}", unit="batch", dynamic_ncols=True):
         j = min(i + args.batch, args.clips)
-        truth = torch.from_numpy(test["frames"][i:j]).permute(0, 1, 4, 2, 3).float() / 127.5 - 1
-        ids = torch.stack([torch.from_numpy(shapes.tokenize(c, cfg.text_len)) for c in test["captions"][i:j]])
+        truth = media.from_uint8(test["frames"][i:j])                                 # (n, F, 3, H, W)
+        context, neg = text_encoder.contexts(test["captions"][i:j])
         with torch.no_grad():
-            context = text_encoder(ids.to(device))
-            neg = text_encoder(torch.from_numpy(shapes.tokenize("", cfg.text_len))[None].to(device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with cli.autocast(device):
                 video = rf.generate(dit, context, 4 * TRAIN_FRAMES, neg_context=neg, steps=args.sample_steps,
                                     prefix=truth[:, :PREFIX].to(device), seed=1000 + i)
         videos.append(media.to_uint8(video))
@@ -200,9 +197,7 @@ def markdown_table(tables, floor=None):
 
 
 def plot(per_frames, floor_frames, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = media.pyplot()
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5.3 * len(METRICS), 4.5))
     frames = np.arange(PREFIX, 4 * TRAIN_FRAMES) + 1                  # 1-based frame index, generated frames only
     for ax, m in zip(axes, METRICS):
@@ -246,8 +241,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.clips < 64:
         sys.exit("error: --clips must be at least 64 for the confidence intervals to mean something")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = cli.pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"

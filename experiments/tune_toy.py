@@ -86,10 +86,8 @@ def evaluate_run(run, test, args):
     for i in range(0, args.clips, args.batch):
         j = min(i + args.batch, args.clips)
         truth = media.from_uint8(test["frames"][i:j])                                 # (n, F, 3, H, W)
-        ids = torch.from_numpy(shapes.tokenize_all(test["captions"][i:j], cfg.text_len))
         with torch.no_grad():
-            context = text_encoder(ids)
-            neg = text_encoder(torch.from_numpy(shapes.tokenize_all([""], cfg.text_len)))
+            context, neg = text_encoder.contexts(test["captions"][i:j])
             # One Euler step from t = 1 to 0 is x0 = eps - v: the model's one-step prediction of the next chunk.
             x0 = rf.generate(dit, context, 2 * fpc, steps=1, cfg_scale=1.0, prefix=truth[:, :fpc], seed=1000 + i)
             video = rf.generate(dit, context, frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,

@@ -3,6 +3,8 @@
 import torch
 import torch.nn as nn
 
+from tiny_data import shapes
+
 
 class CaptionEncoder(nn.Module):
     """Stands in for umT5 in the toy: token ids (B, Lt) -> features (B, Lt, text_dim), zero at padding (id 0).
@@ -21,3 +23,11 @@ class CaptionEncoder(nn.Module):
         x = self.layer(self.embed(ids) + self.pos[: ids.shape[1]])
         return x * (ids != 0).unsqueeze(-1)
 
+
+    @torch.no_grad()
+    def contexts(self, captions):
+        """Captions -> (their features (B, Lt, text_dim), the empty caption's (1, Lt, text_dim)): the context and
+        neg_context that rf.generate takes, on this encoder's device."""
+        text_len, device = self.pos.shape[0], self.pos.device
+        context = self(torch.from_numpy(shapes.tokenize_all(captions, text_len)).to(device))
+        return context, self(torch.from_numpy(shapes.tokenize_all([""], text_len)).to(device))
