@@ -18,6 +18,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rf  # noqa: E402
 
 
+def training_step(model, clip, context, device, lr=1e-4):
+    """-> step(mode): one optimizer step on rf.training_loss as train.py takes it (AdamW, bf16 autocast on CUDA),
+    with the history degraded by `mode` (none = teacher forcing, autoregressive = Resampling Forcing)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+
+    def step(mode="autoregressive"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _, _ = rf.training_loss(model, clip, context, mode=mode)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def clock(fn, device):
     """Wall-clock seconds of one call of fn (waiting for the GPU, when there is one)."""
     if device.type == "cuda":
@@ -47,18 +62,10 @@ def main():
     torch.manual_seed(0)
     cfg = rf.preset(args.preset)
     model = rf.DiT(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     H, W = cfg.frame_size
     clip = torch.rand(args.batch_size, args.clip_frames, cfg.in_dim, H, W, device=device) * 2 - 1
     context = torch.randn(args.batch_size, cfg.text_len, cfg.text_dim, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-    def step(mode):
-        with autocast:
-            loss, _, _ = rf.training_loss(model, clip, context, mode=mode)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    step = training_step(model, clip, context, device)
 
     step("none"), step("autoregressive")                                         # warm-up
     results = {}

@@ -339,24 +339,17 @@ def evidence_scale(name):
 
 def toy(rep, device, tiny):
     import rf
-    cuda = device.type == "cuda"
     gpu = evidence_scale("gpu")
     batches = (2, 4) if tiny else (8, gpu["batch_size"], 64)
     repeats = 2 if tiny else 10
+    from core import training_step
     model = toy_model(rf, device, tiny)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     rate = {}
     for B in batches:
         x, _, ctx, _ = toy_inputs(model.cfg, B, 8, device)              # evidence.py's TRAIN_FRAMES = 8
+        step = training_step(model, x.clamp(-1, 1), ctx, device)
         for mode in ("none", "autoregressive"):
-            def step():
-                with autocast:
-                    loss, _, _ = rf.training_loss(model, x.clamp(-1, 1), ctx, mode=mode)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            rate[B, mode] = 1 / timed(step, device, repeats)
+            rate[B, mode] = 1 / timed(lambda: step(mode), device, repeats)
         rep.check(f"training steps/s at batch {B}", "PASS", teacher_forcing=rate[B, "none"],
                   resampling_forcing=rate[B, "autoregressive"],
                   ratio_rf_over_tf=rate[B, "none"] / rate[B, "autoregressive"])
@@ -402,6 +395,7 @@ def wan_model(rep, device, tiny):
     import rf
     import wan
     helpers = load_benchmark_helpers()
+    from core import training_step             # benchmarks/, on sys.path from load_benchmark_helpers
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     frames, repeats = (6, 1) if tiny else (21, 3)
@@ -478,15 +472,7 @@ def wan_model(rep, device, tiny):
     with torch.device(device):
         model = rf.DiT(cfg)
     model.grad_checkpointing = True
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
-    clip = x.clamp(-3, 3)
-
-    def step():
-        with autocast:
-            loss, _, _ = rf.training_loss(model, clip, context, mode="autoregressive")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    step = training_step(model, x.clamp(-3, 3), context, device, lr=5e-5)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -496,7 +482,7 @@ def wan_model(rep, device, tiny):
     rep.check(f"Resampling Forcing step, batch 1 x {frames} latent frames ({frames * 4 - 3} video frames)",
               "PASS" if fits else "FAIL", target=TARGETS["rf_step_memory"], seconds=seconds, peak_gib=peak,
               note="tiny: no memory on a CPU" if not cuda else None)
-    del model, opt
+    del model, step                              # step holds the optimizer
     if cuda:
         torch.cuda.empty_cache()
 

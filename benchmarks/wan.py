@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoints  # noqa: E402
 import rf  # noqa: E402
 import wan  # noqa: E402
-from core import clock  # noqa: E402  (benchmarks/core.py)
+from core import clock, training_step  # noqa: E402  (benchmarks/core.py)
 
 TINY = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=32, text_dim=64, frame_size=(8, 8))
 
@@ -131,15 +131,7 @@ def main():
         with torch.device(device):
             model = rf.DiT(cfg)                                         # fp32 master weights, as train.py
         model.grad_checkpointing = True
-        opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
-        clip = x.clamp(-3, 3)
-
-        def step():
-            with autocast:
-                loss, _, _ = rf.training_loss(model, clip, context, mode="autoregressive")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        step = training_step(model, x.clamp(-3, 3), context, device, lr=5e-5)
 
         step()                                                          # AdamW's state exists from here on
         if cuda:
@@ -148,7 +140,7 @@ def main():
         print(f"2. one Resampling Forcing step, batch 1 x {args.frames} latent frames, activation checkpointing, "
               f"AdamW: {statistics.median(times):.3f} s (median of {args.repeats}); peak memory "
               + (f"{peak_gib(device):.1f} GiB" if cuda else "not measured on the CPU"))
-        del model, opt
+        del model, step                                  # step holds the optimizer
         if cuda:
             torch.cuda.empty_cache()
 
