@@ -35,9 +35,18 @@ SLAB_SCORES = 2**26  # most attention scores a two-branch call holds at once (25
 # flex_attention on CUDA
 # ----------------------------------------------------------------------------------------------------------------
 
+RECOMPILE_LIMIT = 64  # compiled variants per function (each new length, dtype or grad mode is one; see compiled)
+
+
 @lru_cache(maxsize=None)
 def compiled(fn, **options):
-    """torch.compile(fn, **options), made once. Only the CUDA fast paths use it."""
+    """torch.compile(fn, **options), made once. Only the CUDA fast paths use it.
+
+    dynamic=False compiles one kernel per sequence length, dtype and grad mode. Past torch's default of 8 such
+    variants, dynamo silently runs the function eagerly, and eager flex_attention materialises every score: on an
+    H100 a Wan forward of 21 frames then asked for 48 GiB and a toy step took 0.26 s. A run meets a few lengths per
+    video length (training, the resampling rollout, uncached sampling), so the limit is raised, never lowered."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(fn, **options)
 
 

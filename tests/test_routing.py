@@ -428,3 +428,18 @@ def test_sample_routing_plot(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", checkpoint("dense")] + argv)
     assert "dense" in str(e.value.code)
+
+
+def test_compiled_kernels_keep_compiling_past_eight_lengths(monkeypatch):
+    """Past dynamo's default of 8 compiled variants, flex_attention silently runs eagerly and materialises every
+    score (the H100 run: 48 GiB asked for at 21 Wan frames). kernels.compiled raises the limit; counted with dynamo's
+    eager backend, 12 lengths compile 12 times, none falls back."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    counters.clear()
+    fn = kernels.compiled(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    assert torch._dynamo.config.recompile_limit >= kernels.RECOMPILE_LIMIT
+    for n in range(1, 13):
+        assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
+    assert counters["stats"]["unique_graphs"] == 12
