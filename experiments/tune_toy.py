@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--shift", type=float, default=None)
     p.add_argument("--cfg", type=float, default=None)
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--window", type=int, default=None,
+                   help="sample with a sliding window of this many history chunks (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--png", default="", help="write a contact sheet of the first --png_clips clips here")
     p.add_argument("--png_clips", type=int, default=8)
@@ -77,7 +79,8 @@ def mean_ci(per_clip):
 
 
 def evaluate_run(run, test, args):
-    dit, text_encoder, meta = checkpoints.load_models(str(checkpoint(run)), args.ema, torch.device("cpu"))
+    overrides = {} if args.window is None else {"window": args.window}
+    dit, text_encoder, meta = checkpoints.load_models(str(checkpoint(run)), args.ema, torch.device("cpu"), overrides)
     cfg, fpc = dit.cfg, dit.cfg.frames_per_chunk
     L = meta["train"]["clip_frames"]
     frames = args.frames or 4 * L
@@ -110,7 +113,7 @@ def evaluate_run(run, test, args):
         per_clip[name] = fidelity(np.concatenate(true_at[P]), test, P).mean(1)
     info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L,
                 sampler=dict(steps=args.steps or cfg.sample_steps, shift=args.shift or cfg.sample_shift,
-                             cfg=cfg.sample_cfg if args.cfg is None else args.cfg, ema=args.ema),
+                             cfg=cfg.sample_cfg if args.cfg is None else args.cfg, ema=args.ema, window=cfg.window),
                 seconds=round(seconds, 1))
     return info, per_clip, rollouts, L
 
