@@ -130,7 +130,7 @@ def main_toy(args, overrides, device):
               f"{'EMA' if args.ema else 'online'} weights, seed {args.seed}, device {device}")
         prefix = truth[:, :prefix_frames].to(device) if prefix_frames else None
         videos.append(media.to_uint8(rollout(dit, text_encoder, captions, prefix, args, device)))
-    names = [method_label(meta) for _, _, meta in models] if args.compare else ["generated"]
+    names = [method_label(meta, dit.cfg) for dit, _, meta in models] if args.compare else ["generated"]
     train_frames = models[0][2].get("train", {}).get("clip_frames")
     write_toy(out, videos, truth, names, captions, args, prefix_frames, train_frames)
 
@@ -161,9 +161,10 @@ def output_folder(args, ckpts):
     return out
 
 
-def method_label(meta) -> str:
-    """What a toy checkpoint was trained with, from its meta: "teacher forcing", "RF s=0.6", "RF s=0.6 top-2", ..."""
-    cfg = meta["config"]
+def method_label(meta, sampling=None) -> str:
+    """What a toy checkpoint was trained with, from its meta: "teacher forcing", "RF s=0.6", "RF s=0.6 top-2", ...
+    sampling: the Config it samples with, whose routing (given now, e.g. --window 3) is the one named."""
+    cfg = meta["config"] if sampling is None else {**meta["config"], **{f: getattr(sampling, f) for f in checkpoints.ROUTING_FIELDS}}
     if meta.get("stage") == "teacher_forcing" or cfg["degrade"] == "none":
         label = "teacher forcing"
     else:

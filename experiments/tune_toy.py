@@ -4,6 +4,7 @@ experiments/tune_toy.py -- how good is a toy checkpoint at continuing a clip? (i
     python experiments/tune_toy.py runs/toy                       # one run (its `latest`), 64 held-out clips
     python experiments/tune_toy.py runs/tf runs/rf --clips 64 --png runs/tf_vs_rf.png   # a paired comparison
     python experiments/tune_toy.py runs/toy --steps 32 --shift 3 --cfg 1 --no-ema        # sampler settings
+    python experiments/tune_toy.py runs/tf runs/rf --window 3     # each chunk sees only the 3 history chunks before it
 
 Every number is tiny_data.metrics.shape_fidelity (per object, the IoU of the generated pixels of its colour with its
 true pixels; 1 is perfect, a one-pixel shift scores about 0.62) on the held-out clips of tiny_data/test.npz, as the
@@ -18,6 +19,10 @@ mean over clips with a 95% interval (1.96 standard errors over clips):
   true@L,      one chunk generated after L (or 2L - fpc) TRUE frames: what the model makes past the training length
   true@2L      when its history is perfect. Where these fall as far as 2x does, the fall past the training length
                is the model meeting positions and history lengths it never trained on, not its own errors piling up.
+
+--window W samples with a sliding window of W history chunks. With W = L / fpc - 1 (3 for the toy) every chunk sees
+the history a training clip's last chunk saw, at the same relative RoPE offsets, so what is left of the fall past L
+is the model's own errors piling up.
 
 With two runs or more, each later run is also compared with the first, paired per clip (same clips, same seeds).
 --png writes a contact sheet: per clip, the truth, then each run's rollout; a red bar marks the frames past L.

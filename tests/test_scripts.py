@@ -203,6 +203,10 @@ def test_compare_labels_red_bar_and_frames(tmp_path, capsys):
         r, g, b = gif.convert("RGB").getpixel((gif.width // 2, 1))
         bar.append(r > 200 and g < 80 and b < 80)
     assert bar == [i >= train_frames for i in range(12)]
+    # routing given at sampling time (a sliding window of the trained history) is named in the columns too
+    sample.main(["--ckpt", str(tf), "--compare", str(rf_), "--frames", "12", "--num", "1", "--steps", "1",
+                 "--out", str(out), "--window", "3"])
+    assert "columns: truth | teacher forcing window 3 | RF s=0.6 window 3" in capsys.readouterr().out
 
 
 def test_method_labels():
