@@ -58,9 +58,34 @@ TINY_WAN = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=32, tex
 # ----------------------------------------------------------------------------------------------------------------
 
 class Report:
-    def __init__(self, out: Path, tiny: bool):
+    def __init__(self, out: Path, tiny: bool, profile: bool = False):
         self.out, self.tiny, self.sections, self.current = out, tiny, [], None
+        self.profile = profile
         out.mkdir(parents=True, exist_ok=True)
+        (out / "profiles.txt").unlink(missing_ok=True)
+
+    def profiled(self, name, fn, device):
+        """With --profile: one more call of fn under torch.profiler, its busiest kernels appended to profiles.txt
+        (where the time goes when a number misses its target)."""
+        if not self.profile:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            fn()
+            sync(device)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        busy = sum(getattr(e, key) for e in events) / 1e3
+        launches = sum(e.count for e in events if e.key == "cudaLaunchKernel")
+        with open(self.out / "profiles.txt", "a") as f:
+            f.write(f"\n##### {name}: {wall * 1e3:.1f} ms wall under the profiler, {busy:.1f} ms "
+                    f"{'GPU' if device.type == 'cuda' else 'CPU'} busy, {launches} kernel launches\n")
+            f.write(events.table(sort_by=key, row_limit=15, max_name_column_width=70) + "\n")
 
     def section(self, key, title, fn, *args):
         """Run fn(self, *args) as one section; any exception ends it with FAIL (one line + where)."""
@@ -353,6 +378,8 @@ def toy(rep, device, tiny):
         step = training_step(model, x.clamp(-1, 1), ctx, device)
         for mode in ("none", "autoregressive"):
             rate[B, mode] = 1 / timed(lambda: step(mode), device, repeats)
+            if B == batches[0]:
+                rep.profiled(f"toy training step, degrade {mode}, batch {B}", lambda: step(mode), device)
         rep.check(f"training steps/s at batch {B}", "PASS", teacher_forcing=rate[B, "none"],
                   resampling_forcing=rate[B, "autoregressive"],
                   ratio_rf_over_tf=rate[B, "none"] / rate[B, "autoregressive"])
@@ -450,6 +477,8 @@ def wan_model(rep, device, tiny):
                        encoder_hidden_states=ctx, return_dict=False)[0]
         fns["diffusers"] = run_ref
     secs = {name: timed(fn, device, repeats) for name, fn in fns.items()}
+    for name, fn in fns.items():
+        rep.profiled(f"Wan forward, {name}", fn, device)
     tflops = {name: f / secs[name] / 1e12 for name, f in
               (("ours", flops), ("ours_block_causal", wan_flops(cfg, L, cfg.text_len, causal_keys)))}
     rep.check("forward, ours (one chunk, bidirectional)", "PASS", ms=secs["ours"] * 1e3, tflop=flops / 1e12,
@@ -554,10 +583,13 @@ def routed_speed(rep, device, tiny, cfg, S):
         chunk = torch.arange(Nh + 1, device=device).repeat_interleave(T)
         routing = rf.Routing(chunk, torch.zeros_like(chunk), T, Nh, top_k=5, backend=backend)
         phi = rf.chunk_means(k[:, :Nh * T], T)
+        fn = (lambda: rf.attention(q, k, v)) if backend == "dense" else \
+            (lambda: rf.routed_attention(q, k, v, phi, routing))
         with torch.no_grad():
-            if backend == "dense":
-                return timed(lambda: rf.attention(q, k, v), device, repeats)
-            return timed(lambda: rf.routed_attention(q, k, v, phi, routing), device, repeats)
+            seconds = timed(fn, device, repeats)
+            if Nh == n20:
+                rep.profiled(f"attention at {Nh} history chunks, {backend}", fn, device)
+        return seconds
 
     backends = routed_backends(rep, device)
     n20, n31, n3 = (3, 4, 1) if tiny else (20, 31, 3)
@@ -582,6 +614,8 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for report.md and report.json")
     p.add_argument("--tiny", action="store_true", help="every section at toy sizes on the CPU (checks the script)")
     p.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"], help="sections to leave out")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the timed calls (toy steps, Wan forwards, routed attention): profiles.txt")
     args = p.parse_args(argv)
     if args.tiny:
         device = torch.device("cpu")
@@ -589,7 +623,7 @@ def main(argv=None):
         device = torch.device("cuda")
     else:
         p.error("no CUDA device: run on a GPU machine, or pass --tiny for the CPU check of the script")
-    rep = Report(Path(args.out), args.tiny)
+    rep = Report(Path(args.out), args.tiny, args.profile)
     t0 = time.perf_counter()
     sections = [("d", "environment", environment, device), ("a", "correctness, fp32 and bf16", correctness,
                 device, args.tiny), ("b", "the toy: training speed", toy, device, args.tiny),

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_tiny_runs_every_section(tmp_path):
     out = tmp_path / "report"
-    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--tiny", "--out", str(out)],
+    script = str(ROOT / "benchmarks" / "gpu.py")
+    run = subprocess.run([sys.executable, script, "--tiny", "--profile", "--out", str(out)],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -32,3 +33,8 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
                      "sampling, top-5", "evidence --scale gpu"):
         assert any(expected in n for n in names), expected
     assert "PASS" in run.stdout and "FAIL" not in run.stdout
+    # --profile: where the time of each timed call goes, one table per call
+    headers = [line for line in (out / "profiles.txt").read_text().splitlines() if line.startswith("#####")]
+    for expected in ("toy training step, degrade autoregressive", "Wan forward, ours", "Wan forward, diffusers",
+                     "history chunks, two_branch"):
+        assert any(expected in h for h in headers), expected
