@@ -15,8 +15,8 @@ Sections, each standing alone (a failure prints FAIL with the error and where, a
      imports; TFLOP/s against the counted FLOPs), one Resampling Forcing step at 81 frames (time, peak memory),
      chunk-by-chunk sampling with CFG (seconds per chunk, dense and top-5 through the fastest routed backend there),
      routed attention at 20 history chunks
-On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes; c had run 290 s, to its top-5 sampling, when the
-lease's time ran out. Pass --skip a b to spend a short lease on c.
+On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes; c had run 290 s, into its top-5 sampling, when the
+run was cut to save lease time. Pass --skip a b to spend a short lease on c; --profile adds profiles.txt.
 No downloads; PyTorch 2.9 or later (what is newer, like torch's varlen_attn, is looked up and skipped if absent).
 In --tiny mode, what needs CUDA runs on what the CPU has (flex eager and forward only; varlen through a plain
 PyTorch stand-in of the kernel) and the report says what was skipped.
