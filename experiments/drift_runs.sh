@@ -3,6 +3,7 @@
 #
 #   nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &
 #   STEPS=16000 nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &     # extend both (rerun: it resumes)
+#   DATA=runs/turning/train.npz OUT=runs/turning STEPS=12000 bash experiments/drift_runs.sh   # the turning toy
 #
 # One shared teacher-forcing warm-up (WARMUP steps, 2 threads), then two branches from its last checkpoint, side by
 # side at 1 thread each, to STEPS in all: teacher forcing (--degrade none) and Resampling Forcing (autoregressive
@@ -17,6 +18,7 @@ WARMUP=${WARMUP:-3000}
 STEPS=${STEPS:-9000}
 COMMON=(--train_shift 3 --warmup_steps "$WARMUP" --batch_size 8 --clip_frames 8 --seed 0 --ckpt_every "${CKPT_EVERY:-500}"
         --keep_last "${KEEP:-2}" --no-sample)
+[ -n "${DATA:-}" ] && COMMON+=(--data "$DATA")   # another .npz (experiments/turning_toy.py data writes one)
 WARM_KEEP=(--keep_last 20)   # every warm-up checkpoint stays: the quick-start candidates are read from them
 
 resume() { [ -e "$1/latest" ] && echo --resume || true; }

@@ -84,3 +84,37 @@ def test_tune_toy_scores_two_checkpoints_paired(tmp_path, capsys):
         mean, ci = results[0][key]
         assert 0 <= mean <= 1 and ci >= 0, key
     assert results[2]["paired"].endswith(str(tf)) and "1x" in results[2]
+
+
+def test_turning_toy_walks_whole_pixels_and_scores_the_shape_anywhere(tmp_path, capsys):
+    """experiments/turning_toy.py: every step is one whole pixel per axis (or an exact bounce), turns happen, the
+    position-free score is 1 on the truth and on the truth shifted, lower for a blur, 0 with the object gone; and the
+    evaluation runs end to end on a checkpoint."""
+    import turning_toy
+    def turns(data):             # a reversal of a step away from the walls (a bounce reverses at a wall)
+        pixel = data["centres"][:, :, 0] - 0.5                                      # (N, F, 2)
+        steps = np.diff(pixel, axis=1)
+        assert np.all(np.abs(steps) == 1)                                           # one whole pixel per axis
+        r = data["radii"][:, 0, None, None]
+        inner = (pixel[:, 1:-1] > r) & (pixel[:, 1:-1] < 15 - r)
+        return ((steps[:, 1:] != steps[:, :-1]) & inner).mean()
+
+    data = turning_toy.make_dataset(seed=3, num_clips=16, num_frames=24)
+    assert turns(turning_toy.make_dataset(seed=3, num_clips=16, num_frames=24, turn=0.0)) == 0
+    assert 0.1 < turns(data) < 0.2                                                  # about TURN = 0.15
+    assert np.array_equal(turning_toy.make_dataset(3, 16, 24)["frames"], data["frames"])   # deterministic
+    frames, colour, shape, radius = data["frames"][0], data["colours"][0, 0], data["shapes"][0, 0], data["radii"][0, 0]
+    assert np.allclose(turning_toy.free_fidelity(frames, colour, shape, radius), 1.0)
+    shifted = np.zeros_like(frames)                                                 # one pixel to the right
+    shifted[:, :, 1:] = frames[:, :, :-1]
+    room = ~frames[:, :, -1].any(axis=(1, 2))                                       # nothing lost at the edge
+    assert room.any() and np.allclose(turning_toy.free_fidelity(shifted, colour, shape, radius)[room], 1.0)
+    box = np.pad(frames.astype(float), ((0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blurred = sum(box[:, dy:dy + 16, dx:dx + 16] for dy in range(3) for dx in range(3)) / 9     # 3x3 box blur
+    assert turning_toy.free_fidelity(blurred.astype(np.uint8), colour, shape, radius).mean() < 0.95
+    assert np.all(turning_toy.free_fidelity(np.zeros_like(frames), colour, shape, radius) == 0)
+    turning_toy.shapes.save_dataset(tmp_path / "test.npz", turning_toy.make_dataset(1, 4, 16))
+    turning_toy.main(["eval", str(ROOT / "checkpoints" / "toy_tf"), str(ROOT / "checkpoints" / "toy_ar_s0.6"),
+                      "--test", str(tmp_path / "test.npz"), "--clips", "2", "--frames", "16", "--window", "3"])
+    printed = capsys.readouterr().out
+    assert "(paired)" in printed and "2x" in printed and "4x" not in printed
