@@ -164,7 +164,9 @@ def output_folder(args, ckpts):
 def method_label(meta, sampling=None) -> str:
     """What a toy checkpoint was trained with, from its meta: "teacher forcing", "RF s=0.6", "RF s=0.6 top-2", ...
     sampling: the Config it samples with, whose routing (given now, e.g. --window 3) is the one named."""
-    cfg = meta["config"] if sampling is None else {**meta["config"], **{f: getattr(sampling, f) for f in checkpoints.ROUTING_FIELDS}}
+    cfg = dict(meta["config"])
+    if sampling is not None:
+        cfg.update({name: getattr(sampling, name) for name in checkpoints.ROUTING_FIELDS})
     if meta.get("stage") == "teacher_forcing" or cfg["degrade"] == "none":
         label = "teacher forcing"
     else:
