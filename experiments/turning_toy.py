@@ -144,8 +144,8 @@ def main(argv=None):
             f"{k} {m:+.3f}±{h:.3f}" for k in per_clip for m, h in [mean_ci(per_clip[k] - results[0][k])]))
     if args.png:
         n = min(8, args.clips)
-        contact_sheet(test["frames"][:n, :args.frames], [v[:n] for v in videos], [Path(r).name for r in args.runs],
-                      L, args.png, n)
+        names = [Path(r).parent.name if Path(r).name.startswith("step_") else Path(r).name for r in args.runs]
+        contact_sheet(test["frames"][:n, :args.frames], [v[:n] for v in videos], names, L, args.png, n)
         print(f"wrote {args.png}")
 
 
