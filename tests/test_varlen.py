@@ -168,6 +168,25 @@ def test_model_with_the_varlen_backend_equals_sdpa(cpu_varlen, rule):
     assert differs(dense(x, t, ctx, history=hist), out["sdpa"][1])
 
 
+def test_cached_sampling_through_varlen_equals_the_sdpa_reference(cpu_varlen):
+    """The sampler's path (one chunk of queries against the KV cache, CFG, re-encoding at t = 0) through the varlen
+    backend: the video equals the uncached SDPA reference. (benchmarks/gpu.py samples this way on CUDA.)"""
+    g = torch.Generator().manual_seed(5)
+    m = make_model(top_k=1)
+    ctx = torch.randn(2, 4, m.cfg.text_dim, generator=g)
+    prefix = torch.randn(2, m.cfg.frames_per_chunk, 3, 8, 8, generator=g)
+    kw = dict(steps=2, size=(8, 8), seed=0, cfg_scale=3.0, neg_context=torch.zeros(1, 4, m.cfg.text_dim),
+              prefix=prefix)
+    videos = {}
+    for backend, cache in (("varlen", True), ("sdpa", False)):
+        m.attn_backend = backend
+        videos[backend] = rf.generate(m, ctx, 5 * m.cfg.frames_per_chunk, use_cache=cache, **kw)
+    assert rel_err(videos["varlen"], videos["sdpa"]) <= 1e-5
+    m.attn_backend = "sdpa"                                  # wrong variant: routing off gives another video
+    m.cfg.top_k = None
+    assert differs(rf.generate(m, ctx, 5 * m.cfg.frames_per_chunk, **kw), videos["sdpa"])
+
+
 def test_missing_kernels_are_one_line_errors(monkeypatch):
     q, k, v, selected, T, chunk, stream = routed_case("cached")
     routing = rf.Routing(chunk, stream, chunk_tokens=T, num_history=4, top_k=1, backend="varlen")
