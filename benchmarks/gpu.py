@@ -522,7 +522,8 @@ def wan_model(rep, device, tiny):
     chunks, steps = (2, 2) if tiny else (7, 32)
     fpc = cfg.frames_per_chunk
     neg = torch.zeros_like(context)
-    routed = routed_backends(rep, device)[-1]          # the fastest one here (H100: varlen 6x two_branch)
+    backends = routed_backends(rep, device)
+    routed = backends[-1]                                # the fastest one here (H100: varlen 6x two_branch)
     for label, over in (("dense", {}), (f"top-5 {routed}", {"top_k": 5})):
         with torch.device(device):
             model = helpers.bf16_like_load_wan(rf.DiT(rf.Config(**{**vars(cfg), **over})), dtype).eval()
@@ -555,7 +556,7 @@ def wan_model(rep, device, tiny):
                   per_chunk=" ".join(f"{s:.3f}" for s in per_chunk), total_s=total,
                   last_over_first=per_chunk[-1] / per_chunk[0])
 
-    routed_speed(rep, device, tiny, cfg, S)
+    routed_speed(rep, device, tiny, cfg, S, backends)
 
 
 def routed_backends(rep, device):
@@ -567,14 +568,13 @@ def routed_backends(rep, device):
             kernels.varlen_backend(name)
             backends.append(name)
         except RuntimeError as e:
-            if not any(c["name"] == f"routed backend {name}" for c in rep.current["checks"]):
-                rep.check(f"routed backend {name}", "SKIP", note=one_line(e))
+            rep.check(f"routed backend {name}", "SKIP", note=one_line(e))
     return backends
 
 
-def routed_speed(rep, device, tiny, cfg, S):
+def routed_speed(rep, device, tiny, cfg, S, backends):
     """One layer's attention for one chunk of queries (the sampler's case, CFG batch 2) against Nh history chunks
-    in the cache: dense SDPA against top-5 routing (two_branch; varlen when the kernel is there)."""
+    in the cache: dense SDPA against top-5 routing through each of `backends` (routed_backends)."""
     import rf
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -597,7 +597,6 @@ def routed_speed(rep, device, tiny, cfg, S):
                 rep.profiled(f"attention at {Nh} history chunks, {backend}", fn, device)
         return seconds
 
-    backends = routed_backends(rep, device)
     n20, n31, n3 = (3, 4, 1) if tiny else (20, 31, 3)
     dense = time_attention(n20, "dense")
     for backend in backends:

@@ -37,44 +37,9 @@ TURN = 0.15        # per frame and axis: the chance that the velocity flips (abo
 SIZE = shapes.FRAME_SIZE
 
 
-def walk(state, num_frames, rng, turn=TURN):
-    """shapes.simulate with random turns: (num_frames, n_obj, 2) pixel centres. Each step is one whole pixel per
-    axis (after the turn, before the bounce, which reflects exactly as in shapes.simulate). The draws are made frame
-    by frame, so a longer walk from the same rng state starts with the shorter one."""
-    pos, vel = state["position"].copy(), state["velocity"].copy()
-    radius = np.array([int(o["radius"]) for o in state["objects"]])[:, None]
-    low, high = radius, SIZE - 1 - radius
-    centres = np.empty((num_frames, len(pos), 2), dtype=np.float32)
-    for t in range(num_frames):
-        centres[t] = pos + 0.5
-        vel = np.where(rng.random(vel.shape) < turn, -vel, vel)
-        pos = pos + vel
-        below, above = pos < low, pos > high
-        pos = np.where(below, 2 * low - pos, np.where(above, 2 * high - pos, pos))
-        vel = np.where(below | above, -vel, vel)
-    return centres
-
-
 def make_dataset(seed, num_clips, num_frames, turn=TURN):
-    """The layout of shapes.make_dataset, one object per clip, every clip drawn from one generator in turn."""
-    data = {"frames": np.zeros((num_clips, num_frames, SIZE, SIZE, 3), np.uint8), "captions": [],
-            "centres": np.full((num_clips, num_frames, shapes.MAX_OBJECTS, 2), np.nan, np.float32),
-            "num_objects": np.ones(num_clips, np.int64),
-            "colours": np.full((num_clips, shapes.MAX_OBJECTS), -1, np.int64),
-            "shapes": np.full((num_clips, shapes.MAX_OBJECTS), -1, np.int64),
-            "radii": np.full((num_clips, shapes.MAX_OBJECTS), np.nan, np.float32)}
-    rng = np.random.default_rng(seed)
-    for i in range(num_clips):
-        state = shapes.sample_state(rng, SIZE, max_objects=1)
-        centres = walk(state, num_frames, rng, turn)
-        obj = state["objects"][0]
-        data["frames"][i] = shapes.render(state["objects"], centres, SIZE)
-        data["captions"].append(f"{obj['colour']} {obj['shape']}")
-        data["centres"][i, :, :1] = centres
-        data["colours"][i, 0] = shapes.COLOURS.index(obj["colour"])
-        data["shapes"][i, 0] = shapes.SHAPES.index(obj["shape"])
-        data["radii"][i, 0] = obj["radius"]
-    return data
+    """The shipped generator (tiny_data.shapes.make_dataset, one object per clip) with random turns."""
+    return shapes.make_dataset(seed, num_clips, num_frames, turn=turn)
 
 
 def placements(shape, radius):

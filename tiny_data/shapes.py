@@ -80,7 +80,8 @@ REGENERATE_HINT = "run `python -m tiny_data.shapes` to regenerate"
 def sample_state(rng: np.random.Generator, size: int = FRAME_SIZE,
                  max_objects: int = MAX_OBJECTS) -> dict:
     """Draw the random initial state of a clip. This is the ONLY place that
-    consumes random numbers, and it does not depend on the clip length.
+    consumes random numbers (unless simulate is asked for random turns), and
+    it does not depend on the clip length.
 
     Returns a dict with
       objects:  list of {"colour": str, "shape": str, "radius": float}
@@ -110,7 +111,8 @@ def sample_state(rng: np.random.Generator, size: int = FRAME_SIZE,
             "velocity": np.array(velocity, dtype=np.int64)}
 
 
-def simulate(state: dict, num_frames: int, size: int = FRAME_SIZE) -> np.ndarray:
+def simulate(state: dict, num_frames: int, size: int = FRAME_SIZE,
+             turn: float = 0.0, rng: np.random.Generator | None = None) -> np.ndarray:
     """Deterministic physics: constant velocity plus elastic wall bounces, in
     whole pixels.
 
@@ -123,6 +125,10 @@ def simulate(state: dict, num_frames: int, size: int = FRAME_SIZE) -> np.ndarray
     pixels p - r .. p + r stay inside). A step that would leave that range is
     reflected about the wall pixel it crossed: p -> 2 * wall - p, and that
     velocity component flips. Everything is integer, so this is exact.
+
+    turn > 0 (the random-walk variant of experiments/turning_toy.py): before
+    each step, each velocity component flips with probability `turn`, drawn
+    from `rng` frame by frame. The shipped data has turn = 0 and draws nothing.
     """
     pos = state["position"].astype(np.int64).copy()
     vel = state["velocity"].astype(np.int64).copy()
@@ -132,6 +138,8 @@ def simulate(state: dict, num_frames: int, size: int = FRAME_SIZE) -> np.ndarray
     centres = np.empty((num_frames, len(pos), 2), dtype=np.float32)
     for t in range(num_frames):
         centres[t] = pos + 0.5
+        if turn > 0:
+            vel = np.where(rng.random(vel.shape) < turn, -vel, vel)
         pos = pos + vel
         # One reflection is enough: a step (MAX_SPEED px) is shorter than the
         # free range (size - 1 - 2 * MAX_RADIUS px).
@@ -175,7 +183,7 @@ def render(objects: list[dict], centres: np.ndarray, size: int = FRAME_SIZE) -> 
 
 
 def make_clip(rng: np.random.Generator, num_frames: int, size: int = FRAME_SIZE,
-              max_objects: int = MAX_OBJECTS) -> dict:
+              max_objects: int = MAX_OBJECTS, turn: float = 0.0) -> dict:
     """Generate one clip.
 
     The random initial state is drawn first (independently of num_frames) and
@@ -189,7 +197,7 @@ def make_clip(rng: np.random.Generator, num_frames: int, size: int = FRAME_SIZE,
       centres: float32 (F, n_obj, 2) (y, x) pixel centres per frame
     """
     state = sample_state(rng, size, max_objects)
-    centres = simulate(state, num_frames, size)
+    centres = simulate(state, num_frames, size, turn, rng)
     objects = state["objects"]
     return {"frames": render(objects, centres, size),
             "caption": ", ".join(f"{o['colour']} {o['shape']}" for o in objects),
@@ -248,7 +256,7 @@ def detokenize(tokens) -> str:
 # ----------------------------------------------------------------------------
 
 def make_dataset(seed: int, num_clips: int, num_frames: int, size: int = FRAME_SIZE,
-                 max_objects: int = SHIPPED_OBJECTS) -> dict:
+                 max_objects: int = SHIPPED_OBJECTS, turn: float = 0.0) -> dict:
     """Generate num_clips clips from one seeded generator, stacked into arrays.
 
     Returns a dict with (N = num_clips, F = num_frames, padded to 2 objects):
@@ -272,7 +280,7 @@ def make_dataset(seed: int, num_clips: int, num_frames: int, size: int = FRAME_S
         "radii": np.full((num_clips, k), np.nan, dtype=np.float32),
     }
     for i in range(num_clips):
-        clip = make_clip(rng, num_frames, size, max_objects=max_objects)
+        clip = make_clip(rng, num_frames, size, max_objects=max_objects, turn=turn)
         n = len(clip["objects"])
         data["frames"][i] = clip["frames"]
         data["captions"].append(clip["caption"])
