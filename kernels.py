@@ -50,6 +50,19 @@ def compiled(fn, **options):
     return torch.compile(fn, **options)
 
 
+def compile_blocks(model, **options):
+    """Compile each of the DiT's blocks in place ("regional" compilation: the 30 blocks share one graph per shape).
+
+    What it buys is fusion. Eager, the fp32 islands (norms, modulation, gated residual adds) and RoPE are dozens of
+    small elementwise kernels per block: on an H100 they took more GPU time than attention in a sampling step and
+    were the whole gap between our Wan forward and diffusers' (benchmarks/gpu.py --profile). The weights and their
+    names are untouched, so checkpoints, EMA copies and DDP see the same model. options go to torch.compile."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    for block in model.blocks:
+        block.compile(**options)
+    return model
+
+
 def block_mask(mask_mod, B, H, Lq, Lk, device: str):
     """create_block_mask, compiled on CUDA. Eager, it evaluates mask_mod on the whole (Lq, Lk) grid at once: 6.2 GB
     at 25k tokens (measured on a CPU), so some 35 GB at the 61k tokens of Wan's two-stream training forward.

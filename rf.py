@@ -784,6 +784,10 @@ class LayerKV:
         self.max_tokens, self.length, self.k, self.v = max_tokens, 0, None, None
         self.chunks, self.phi = 0, None
 
+    # Under torch.compile (kernels.compile_blocks) the cache's reads run eagerly: its state is plain Python ints, and
+    # a traced graph can keep a stale value of one (a known failure of KV caches under compile) instead of
+    # re-reading it at each call.
+    @torch.compiler.disable
     def extend(self, k, v):
         """Write this chunk's (B, L, nh, hd) K/V after the committed ones; return committed + this chunk."""
         if self.k is None:
@@ -802,6 +806,7 @@ class LayerKV:
         self.length += tokens
         self.chunks += 1
 
+    @torch.compiler.disable
     def mean_keys(self, k):
         """(B, chunks, nh, hd) mean keys of the committed chunks; k: this chunk's keys, for the empty-cache shape."""
         if self.phi is None:

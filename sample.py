@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import checkpoints
 import cli
+import kernels
 import media
 import rf
 import wan
@@ -58,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--no_cache", action="store_true", help="recompute the history at every step (reference path)")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda | cuda:N")
+    p.add_argument("--compile", action="store_true", help="compile each DiT block (kernels.compile_blocks): on a "
+                   "GPU, faster chunks once the first has compiled; on a CPU, only the wait for the compiler")
     p.add_argument("--save_frames", action="store_true",
                    help="toy: also write the rollouts as arrays, frames.npz: truth and one uint8 (N, T, H, W, 3) "
                         "array per model, for metrics of your own")
@@ -113,6 +116,9 @@ def main_toy(args, overrides, device):
     if args.compare and args.routing_plot:
         raise ValueError("--routing_plot draws one checkpoint's routing: drop --compare")
     models = [checkpoints.load_models(c, args.ema, device, overrides) for c in ckpts]   # (dit, text_encoder, meta)
+    if args.compile:
+        for dit, _, _ in models:
+            kernels.compile_blocks(dit)
     cfg, fpc = models[0][0].cfg, models[0][0].cfg.frames_per_chunk
     for ckpt, (dit, _, _) in zip(ckpts[1:], models[1:]):
         if (dit.cfg.frames_per_chunk, dit.cfg.frame_size, dit.cfg.in_dim) != (fpc, cfg.frame_size, cfg.in_dim):
@@ -293,6 +299,8 @@ def main_wan(args, overrides, device, meta):
         free(encoder)
         # 2. the latents, chunk by chunk (bf16 on CUDA: fp32 islands, bf16 matmuls, as train.py trains)
         dit = wan.load_wan(weights, torch.bfloat16 if cuda else torch.float32, device, preset_name, **fields).eval()
+        if args.compile:
+            kernels.compile_blocks(dit)
         bar = tqdm(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
         with cli.autocast(device):
             latents = rf.generate(dit, context.to(device), num_latent, steps=args.steps, shift=args.shift,

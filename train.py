@@ -36,6 +36,7 @@ from tqdm import tqdm
 import checkpoints
 import cli
 import clips
+import kernels
 import media
 import rf
 import wan
@@ -74,6 +75,7 @@ class Train:
     on_bad_clip: str = "skip"         # a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop
     dry_run: bool = False             # Wan presets: check both checkpoint key layouts, print memory needs, exit
     grad_checkpointing: bool = False  # recompute each block in backward: far less activation memory
+    compile: bool = False             # compile each DiT block (kernels.compile_blocks): pays on a GPU, not on a CPU
     # Wan presets only: where the weights come from (a local folder or a hub id), and the latent cache
     wan: str = wan.WAN_PARTS_REPO     # the DiT to start from (any wan.load_wan source)
     text_encoder: str = ""            # umT5 + tokenizer in the diffusers layout (default: --wan)
@@ -315,6 +317,8 @@ class Run:
                 group["lr"], group["weight_decay"] = train.lr, train.weight_decay
             self.start = meta["step"]
         dit.grad_checkpointing = train.grad_checkpointing
+        if train.compile:                                  # after the EMA copies and the loads: only the trained model
+            kernels.compile_blocks(dit)
         # under torchrun each trained model is wrapped in DDP (which also makes every process start from rank 0's
         # weights)
         self.wrapped = {name: cli.DDP(m, device_ids=[device.index] if device.type == "cuda" else None)

@@ -365,7 +365,14 @@ def evidence_scale(name):
     raise KeyError(f"no SCALES[{name!r}] in experiments/evidence.py")
 
 
+def COMPILE_OPTIONS(tiny):
+    """torch.compile options for kernels.compile_blocks: inductor on the GPU; dynamo's tracing alone (no C compiler,
+    seconds not minutes) when --tiny checks the script on a CPU."""
+    return {"backend": "eager"} if tiny else {}
+
+
 def toy(rep, device, tiny):
+    import kernels
     import rf
     gpu = evidence_scale("gpu")
     batches = (2, 4) if tiny else (8, gpu["batch_size"], 64)
@@ -383,6 +390,27 @@ def toy(rep, device, tiny):
         rep.check(f"training steps/s at batch {B}", "PASS", teacher_forcing=rate[B, "none"],
                   resampling_forcing=rate[B, "autoregressive"],
                   ratio_rf_over_tf=rate[B, "none"] / rate[B, "autoregressive"])
+    # the same steps with every block compiled (train.py --compile): first one Resampling Forcing loss and its
+    # gradients against the eager model's (the self-resampling rollout goes through the KV cache), then the speed
+    B = batches[1]
+    eager, compiled = toy_model(rf, device, tiny), toy_model(rf, device, tiny)
+    kernels.compile_blocks(compiled, **COMPILE_OPTIONS(tiny))
+    x, _, ctx, _ = toy_inputs(compiled.cfg, B, 8, device)
+    grads = []
+    for model in (eager, compiled):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss, _, _ = rf.training_loss(model, x.clamp(-1, 1), ctx, "autoregressive", torch.Generator().manual_seed(0))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        model.zero_grad(set_to_none=True)
+    rep.compare("compiled blocks vs eager: gradients of a Resampling Forcing loss", grads[1], grads[0],
+                TOL["bf16"] if device.type == "cuda" else TOL["fp32"])
+    del eager
+    step = training_step(compiled, x.clamp(-1, 1), ctx, device)
+    fast = {mode: 1 / timed(lambda: step(mode), device, repeats) for mode in ("none", "autoregressive")}
+    rep.check(f"training steps/s at batch {B}, compiled blocks", "PASS", teacher_forcing=fast["none"],
+              resampling_forcing=fast["autoregressive"], speedup_tf=fast["none"] / rate[B, "none"],
+              speedup_rf=fast["autoregressive"] / rate[B, "autoregressive"])
     # evidence --scale gpu: a teacher-forcing warm-up, then per method the rest of the steps; 2 of its methods
     # (tf, noise) cost a teacher-forcing step, the other 6 (parallel, the autoregressive ones) at most an RF step
     B = gpu["batch_size"] if gpu["batch_size"] in batches else batches[-1]
@@ -422,6 +450,7 @@ def load_benchmark_helpers():
 
 
 def wan_model(rep, device, tiny):
+    import kernels
     import rf
     import wan
     helpers = load_benchmark_helpers()
@@ -479,6 +508,13 @@ def wan_model(rep, device, tiny):
     secs = {name: timed(fn, device, repeats) for name, fn in fns.items()}
     for name, fn in fns.items():
         rep.profiled(f"Wan forward, {name}", fn, device)
+    eager = run_ours(bidir).float()
+    kernels.compile_blocks(ours, **COMPILE_OPTIONS(tiny))                   # from here on, ours is compiled
+    secs["ours_compiled"] = timed(lambda: run_ours(bidir), device, repeats)
+    rep.profiled("Wan forward, ours_compiled", lambda: run_ours(bidir), device)
+    rep.compare("forward, compiled blocks vs eager (ours)", run_ours(bidir).float(), eager,
+                TOL["bf16"] if cuda else TOL["fp32"], ms=secs["ours_compiled"] * 1e3,
+                speedup=secs["ours"] / secs["ours_compiled"])
     tflops = {name: f / secs[name] / 1e12 for name, f in
               (("ours", flops), ("ours_block_causal", wan_flops(cfg, L, cfg.text_len, causal_keys)))}
     rep.check("forward, ours (one chunk, bidirectional)", "PASS", ms=secs["ours"] * 1e3, tflop=flops / 1e12,
@@ -489,12 +525,13 @@ def wan_model(rep, device, tiny):
         rep.check("forward, against diffusers' WanTransformer3DModel", "SKIP", target=TARGETS["wan_forward"],
                   note=f"diffusers does not import ({why}); bring it as a wheel (README)")
     else:
-        a, b = run_ours(bidir).float(), run_ref().float().permute(0, 2, 1, 3, 4)
-        rep.compare("forward, outputs ours vs diffusers", a, b, TOL["wan_bf16"] if cuda else TOL["fp32"])
-        ratio = secs["ours"] / secs["diffusers"]
-        rep.check("forward, time ours / diffusers", "PASS" if ratio <= 1.05 or tiny else "FAIL",
-                  target=TARGETS["wan_forward"], ratio=ratio, diffusers_ms=secs["diffusers"] * 1e3,
-                  note="tiny: CPU time, no target" if tiny else None)
+        rep.compare("forward, outputs ours vs diffusers", eager, run_ref().float().permute(0, 2, 1, 3, 4),
+                    TOL["wan_bf16"] if cuda else TOL["fp32"])
+        for name in ("ours", "ours_compiled"):
+            ratio = secs[name] / secs["diffusers"]
+            rep.check(f"forward, time {name.replace('_', ' ')} / diffusers", "PASS" if ratio <= 1.05 or tiny
+                      else "FAIL", target=TARGETS["wan_forward"], ratio=ratio, diffusers_ms=secs["diffusers"] * 1e3,
+                      note="tiny: CPU time, no target" if tiny else None)
         del ref
     del ours
     if cuda:
@@ -524,10 +561,14 @@ def wan_model(rep, device, tiny):
     neg = torch.zeros_like(context)
     backends = routed_backends(rep, device)
     routed = backends[-1]                                # the fastest one here (H100: varlen 6x two_branch)
-    for label, over in (("dense", {}), (f"top-5 {routed}", {"top_k": 5})):
+    videos = {}
+    for label, over in (("dense", {}), ("dense, compiled blocks", {}), (f"top-5 {routed}", {"top_k": 5})):
+        torch.manual_seed(0)                             # the same weights for each, so the videos can be compared
         with torch.device(device):
             model = helpers.bf16_like_load_wan(rf.DiT(rf.Config(**{**vars(cfg), **over})), dtype).eval()
         model.attn_backend = routed if over else "auto"
+        if "compiled" in label:
+            kernels.compile_blocks(model, **COMPILE_OPTIONS(tiny))
         stamps = []
 
         def progress(i):
@@ -536,11 +577,14 @@ def wan_model(rep, device, tiny):
 
         try:                                  # a failure here is this check's, and the attention timings still run
             with autocast:
-                rf.generate(model, context, 2 * fpc, steps=1, neg_context=neg, seed=0)   # warm-up: compile, allocator
+                # warm-up at every length the timed run meets: compilation, the allocator
+                rf.generate(model, context, (chunks + 1) * fpc, steps=1, neg_context=neg, seed=0)
+                rep.profiled(f"sampling, {label}: chunk 1 (one Euler step, CFG) and its cache write",
+                             lambda: rf.generate(model, context, 2 * fpc, steps=1, neg_context=neg, seed=0), device)
                 sync(device)
                 stamps.append(time.perf_counter())
-                rf.generate(model, context, (chunks + 1) * fpc, steps=steps, neg_context=neg, seed=0,
-                            progress=progress)
+                videos[label] = rf.generate(model, context, (chunks + 1) * fpc, steps=steps, neg_context=neg,
+                                            seed=0, progress=progress).float()
         except Exception as e:                                           # noqa: BLE001 -- reported as FAIL
             rep.check(f"sampling, {label}", "FAIL", error=one_line(e))
             continue
@@ -550,11 +594,16 @@ def wan_model(rep, device, tiny):
                 torch.cuda.empty_cache()
         per_chunk = [b - a for a, b in zip(stamps[:-1], stamps[1:])][:chunks]    # the last chunk skips a re-encode
         total = sum(per_chunk)
-        ok = tiny or label != "dense" or total <= 40
+        ok = tiny or "dense" not in label or total <= 40
         rep.check(f"sampling, {label}, {steps} Euler steps, CFG: seconds per chunk 1..{chunks}",
-                  "PASS" if ok else "FAIL", target=TARGETS["video_5s"] if label == "dense" else None,
+                  "PASS" if ok else "FAIL", target=TARGETS["video_5s"] if "dense" in label else None,
                   per_chunk=" ".join(f"{s:.3f}" for s in per_chunk), total_s=total,
                   last_over_first=per_chunk[-1] / per_chunk[0])
+    if {"dense", "dense, compiled blocks"} <= videos.keys():
+        # a compiled sampler that lost track of its KV cache would still get the first chunk right: check the last
+        a, b = videos["dense, compiled blocks"], videos["dense"]
+        rep.compare("sampling, compiled blocks vs eager: the whole video", a, b, TOL["wan_bf16"],
+                    first_chunk=rel_err(a[:, :fpc], b[:, :fpc]), last_chunk=rel_err(a[:, -fpc:], b[:, -fpc:]))
 
     routed_speed(rep, device, tiny, cfg, S, backends)
 
@@ -620,7 +669,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="every section at toy sizes on the CPU (checks the script)")
     p.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"], help="sections to leave out")
     p.add_argument("--profile", action="store_true",
-                   help="also profile the timed calls (toy steps, Wan forwards, routed attention): profiles.txt")
+                   help="also profile the timed calls (toy steps, Wan forwards, sampling, routed attention): profiles.txt")
     args = p.parse_args(argv)
     if args.tiny:
         device = torch.device("cpu")
