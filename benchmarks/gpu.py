@@ -14,9 +14,11 @@ Sections, each standing alone (a failure prints FAIL with the error and where, a
   c  Wan2.1-1.3B with random weights at 480x832 in bf16: the forward of 21 latent frames (ours; diffusers' when it
      imports; TFLOP/s against the counted FLOPs), one Resampling Forcing step at 81 frames (time, peak memory),
      chunk-by-chunk sampling with CFG (seconds per chunk, dense and top-5 through the fastest routed backend there),
-     routed attention at 20 history chunks
-On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes; c had run 290 s, into its top-5 sampling, when the
-run was cut to save lease time. Pass --skip a b to spend a short lease on c; --profile adds profiles.txt.
+     routed attention at 20 history chunks; the forward and dense sampling again with compiled blocks
+     (kernels.compile_blocks), each checked against the eager result
+On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes, and d, b and c with --profile 7.8 minutes: the
+whole script does not fit one 10-minute device call. Pass --skip a b to spend a short lease on c; --profile adds
+profiles.txt.
 No downloads; PyTorch 2.9 or later (what is newer, like torch's varlen_attn, is looked up and skipped if absent).
 In --tiny mode, what needs CUDA runs on what the CPU has (flex eager and forward only; varlen through a plain
 PyTorch stand-in of the kernel) and the report says what was skipped.
