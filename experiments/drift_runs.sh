@@ -4,6 +4,8 @@
 #   nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &
 #   STEPS=16000 nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &     # extend both (rerun: it resumes)
 #   DATA=runs/turning/train.npz OUT=runs/turning STEPS=12000 bash experiments/drift_runs.sh   # the turning toy
+#   MODEL="--dim 64 --ffn_dim 256 --num_heads 2 --num_layers 2" OUT=runs/small STEPS=15000 \
+#       bash experiments/drift_runs.sh                                                        # the small pair
 #
 # One shared teacher-forcing warm-up (WARMUP steps, 2 threads), then two branches from its last checkpoint, side by
 # side at 1 thread each, to STEPS in all: teacher forcing (--degrade none) and Resampling Forcing (autoregressive
@@ -19,6 +21,7 @@ STEPS=${STEPS:-9000}
 COMMON=(--train_shift 3 --warmup_steps "$WARMUP" --batch_size 8 --clip_frames 8 --seed 0 --ckpt_every "${CKPT_EVERY:-500}"
         --keep_last "${KEEP:-2}" --no-sample)
 [ -n "${DATA:-}" ] && COMMON+=(--data "$DATA")   # another .npz (experiments/turning_toy.py data writes one)
+[ -n "${MODEL:-}" ] && COMMON+=($MODEL)           # model size, e.g. the small pair's "--dim 64 --ffn_dim 256 ..."
 WARM_KEEP=(--keep_last 20)   # every warm-up checkpoint stays: the quick-start candidates are read from them
 
 resume() { [ -e "$1/latest" ] && echo --resume || true; }
