@@ -401,7 +401,8 @@ def toy(rep, device, tiny):
     grads = []
     for model in (eager, compiled):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _, _ = rf.training_loss(model, x.clamp(-1, 1), ctx, "autoregressive", torch.Generator().manual_seed(0))
+            loss, _, _ = rf.training_loss(model, x.clamp(-1, 1), ctx, "autoregressive",
+                                          generator=torch.Generator().manual_seed(0))
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         model.zero_grad(set_to_none=True)
@@ -671,7 +672,8 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="every section at toy sizes on the CPU (checks the script)")
     p.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "d"], help="sections to leave out")
     p.add_argument("--profile", action="store_true",
-                   help="also profile the timed calls (toy steps, Wan forwards, sampling, routed attention): profiles.txt")
+                   help="also profile the timed calls (toy steps, Wan forwards, sampling, routed attention): "
+                        "profiles.txt")
     args = p.parse_args(argv)
     if args.tiny:
         device = torch.device("cpu")
