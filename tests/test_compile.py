@@ -1,9 +1,11 @@
 """kernels.compile_blocks (train.py / sample.py --compile): compiled blocks compute what the eager ones do.
 
 CI has no GPU and need not have a C compiler, so these tests compile with dynamo's aot_eager backend: the graphs
-dynamo captures (guards, graph breaks, the autograd graph) run on the eager kernels. That is where the KV cache can
-go wrong under compile (a traced graph keeping a stale Python int), and it is what these tests look at; inductor's
-fused kernels are checked on a GPU by benchmarks/gpu.py (compiled against eager, forward, gradients, a sampled video).
+dynamo captures (guards, graph breaks, the autograd graph) run on the eager kernels. That is where a KV cache can go
+wrong under compile (a traced graph keeping a stale Python int), and it is what these tests look at. With this
+CPU's PyTorch they pass with or without rf's eager cache reads (LayerKV); the H100 run that made us add those used
+PyTorch 2.11. Inductor's fused kernels are checked on a GPU by benchmarks/gpu.py (compiled against eager: forward,
+gradients, a sampled video).
 """
 
 import copy
