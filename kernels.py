@@ -46,8 +46,13 @@ def compiled(fn, **options):
     variants, dynamo silently runs the function eagerly, and eager flex_attention materialises every score: on an
     H100 a Wan forward of 21 frames then asked for 48 GiB and a toy step took 0.26 s. A run meets a few lengths per
     video length (training, the resampling rollout, uncached sampling), so the limit is raised, never lowered."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    _raise_recompile_limit()
     return torch.compile(fn, **options)
+
+
+def _raise_recompile_limit():
+    """Let dynamo keep RECOMPILE_LIMIT compiled variants per function (see compiled); never lowers a higher one."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
 
 
 def compile_blocks(model, **options):
@@ -58,7 +63,7 @@ def compile_blocks(model, **options):
     most of the gap between our Wan forward and diffusers' (benchmarks/gpu.py --profile); compiled, the forward went
     from 752 to 560 ms. The weights and their names are untouched, so checkpoints, EMA copies and DDP see the same
     model. options go to torch.compile."""
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    _raise_recompile_limit()
     for block in model.blocks:
         block.compile(**options)
     return model

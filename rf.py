@@ -784,9 +784,8 @@ class LayerKV:
         self.max_tokens, self.length, self.k, self.v = max_tokens, 0, None, None
         self.chunks, self.phi = 0, None
 
-    # Under torch.compile (kernels.compile_blocks) the cache's reads run eagerly: its state is plain Python ints, and
-    # a traced graph can keep a stale value of one (a known failure of KV caches under compile) instead of
-    # re-reading it at each call.
+    # Eager under torch.compile (kernels.compile_blocks): a traced graph can keep a stale value of the Python ints
+    # below instead of re-reading them (a known failure of KV caches under compile).
     @torch.compiler.disable
     def extend(self, k, v):
         """Write this chunk's (B, L, nh, hd) K/V after the committed ones; return committed + this chunk."""
