@@ -210,6 +210,7 @@ def euler(velocity, x, sigmas):
         x = x + (s_next - s).view(-1, 1, 1, 1, 1) * velocity(x, t)
     return x
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Who sees whom: one rule, one picture, several attention backends
 # ----------------------------------------------------------------------------------------------------------------
@@ -468,6 +469,8 @@ class RoutingLog:
         """The fraction of eligible (query, history chunk) pairs not attended: 1 - k / Nh for top-k over Nh."""
         eligible = self.eligible.sum().item()
         return 1.0 - self.selected.sum().item() / eligible if eligible else 0.0
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 4. The Wan2.1 DiT
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,7 +480,6 @@ class RoutingLog:
 def _tokens(model, H, W):
     """Tokens per frame of size H x W."""
     return (H // model.cfg.patch_size[1]) * (W // model.cfg.patch_size[2])
-
 
 
 def fp32(device_type):
@@ -918,7 +920,6 @@ def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_sca
         if progress:
             progress(i)
     return torch.cat(video, dim=1)
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
