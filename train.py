@@ -333,7 +333,8 @@ class Run:
         tensors |= {f"{name}_ema": m.state_dict() for name, m in self.emas.items()}
         opt_tensors, param_groups = checkpoints.optimizer_tensors(self.opt)
         tensors["train_state"] = opt_tensors | {"rng": self.gen.get_state()}
-        stage = "teacher_forcing" if step <= train.warmup_steps or cfg.degrade == "none" else "resampling_forcing"
+        mode = "none" if step <= train.warmup_steps else cfg.degrade
+        stage = {"none": "teacher_forcing", "noise": "noise_augmentation"}.get(mode, "resampling_forcing")
         meta = dict(config=checkpoints.config_to_dict(cfg), train=dataclasses.asdict(train), step=step, stage=stage,
                     vocab=shapes.VOCAB, param_groups=param_groups)
         try:

@@ -6,10 +6,11 @@
 #   DATA=runs/turning/train.npz OUT=runs/turning STEPS=12000 bash experiments/drift_runs.sh   # the turning toy
 #   MODEL="--dim 64 --ffn_dim 256 --num_heads 2 --num_layers 2" OUT=runs/small STEPS=15000 \
 #       bash experiments/drift_runs.sh                                                        # the small pair
+#   S=0.3 OUT=runs/small_s0.3 MODEL=... bash experiments/drift_runs.sh   # RF at resampling shift s = 0.3 (new OUT)
 #
 # One shared teacher-forcing warm-up (WARMUP steps, 2 threads), then two branches from its last checkpoint, side by
 # side at 1 thread each, to STEPS in all: teacher forcing (--degrade none) and Resampling Forcing (autoregressive
-# self-resampling, s = 0.6). Same data, seed, batch and steps; only the history degradation differs.
+# self-resampling, s = S, default 0.6). Same data, seed, batch and steps; only the history degradation differs.
 # Every run checkpoints every 500 steps and resumes exactly, so rerunning the script (after a kill, or with a
 # larger STEPS) goes on where it stopped. Evaluate with
 #   python experiments/tune_toy.py $OUT/tf $OUT/rf --clips 64 --png $OUT/tf_vs_rf.png
@@ -42,7 +43,7 @@ OMP_NUM_THREADS=1 python train.py --out "$OUT/tf" --steps "$STEPS" "${COMMON[@]}
     --degrade none > "$OUT/tf.log" 2>&1 &
 TF=$!
 OMP_NUM_THREADS=1 python train.py --out "$OUT/rf" --steps "$STEPS" "${COMMON[@]}" --resume \
-    --degrade autoregressive --resample_shift 0.6 > "$OUT/rf.log" 2>&1 &
+    --degrade autoregressive --resample_shift "${S:-0.6}" > "$OUT/rf.log" 2>&1 &
 RF=$!
 wait $TF $RF
 echo "== done ($(date -u +%H:%M)): python experiments/tune_toy.py $OUT/tf $OUT/rf --clips 64 --png $OUT/tf_vs_rf.png"

@@ -222,11 +222,13 @@ def test_method_labels():
         "parallel resampling s=3"
 
 
-def test_a_teacher_forcing_run_never_calls_itself_resampling_forcing(tmp_path):
+def test_only_a_resampling_run_calls_itself_resampling_forcing(tmp_path):
     run_train(tmp_path / "w", "--steps", "2", "--warmup_steps", "2", "--no-sample")       # all warm-up
     assert json.loads((tmp_path / "w" / "latest" / "meta.json").read_text())["stage"] == "teacher_forcing"
     run_train(tmp_path / "n", "--steps", "3", "--warmup_steps", "1", "--degrade", "none", "--no-sample")
     assert json.loads((tmp_path / "n" / "latest" / "meta.json").read_text())["stage"] == "teacher_forcing"
+    run_train(tmp_path / "a", "--steps", "2", "--warmup_steps", "1", "--degrade", "noise", "--no-sample")
+    assert json.loads((tmp_path / "a" / "latest" / "meta.json").read_text())["stage"] == "noise_augmentation"
 
 
 def test_sample_says_when_it_replaces_samples(tmp_path, capsys):
