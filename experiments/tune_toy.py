@@ -26,6 +26,7 @@ is the model's own errors piling up.
 
 With two runs or more, each later run is also compared with the first, paired per clip (same clips, same seeds).
 --png writes a contact sheet: per clip, the truth, then each run's rollout; a red bar marks the frames past L.
+--plot writes each run's shape fidelity per generated frame (mean over the clips, 95% band).
 """
 
 import argparse
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--png", default="", help="write a contact sheet of the first --png_clips clips here")
     p.add_argument("--png_clips", type=int, default=8)
+    p.add_argument("--plot", default="", help="write a plot of each run's shape fidelity per frame here (PNG)")
     p.add_argument("--json", default="", help="write the numbers here")
     p.add_argument("--test", default=str(shapes.TEST_PATH), help="held-out clips (an .npz of tiny_data/shapes.py)")
     return p.parse_args(argv)
@@ -116,7 +118,7 @@ def evaluate_run(run, test, args):
             per_clip[name] = per_frame[:, a - fpc:b - fpc].mean(1)
     for P, name in zip(true_at, ("true@L", "true@2L")):
         per_clip[name] = fidelity(np.concatenate(true_at[P]), test, P).mean(1)
-    info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L,
+    info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L, frames_per_chunk=fpc,
                 sampler=dict(steps=args.steps or cfg.sample_steps, shift=args.shift or cfg.sample_shift,
                              cfg=cfg.sample_cfg if args.cfg is None else args.cfg, ema=args.ema, window=cfg.window),
                 seconds=round(seconds, 1))
@@ -144,6 +146,25 @@ def contact_sheet(truth, rollouts, names, L, path, clips, scale=3, gap=2):
 
 
 @torch.no_grad()
+def plot_per_frame(per_frames, names, L, fpc, path):
+    """Mean shape fidelity per generated frame over the clips, with its 95% band, one line per run."""
+    plt = media.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, pf in zip(names, per_frames):                                   # pf: (N, generated frames)
+        frames = np.arange(fpc, fpc + pf.shape[1]) + 1                        # 1-based frame index
+        mean, ci = pf.mean(0), 1.96 * pf.std(0, ddof=1) / np.sqrt(len(pf))
+        ax.plot(frames, mean, lw=2, label=name)
+        ax.fill_between(frames, mean - ci, mean + ci, alpha=0.2)
+    ax.axvline(L + 0.5, color="red", ls="--", lw=1)
+    ax.text(L + 0.8, 1.02, "past the training length", color="red", fontsize=8, va="bottom")
+    ax.set(xlabel="frame", ylabel="shape fidelity (1 = perfect)", ylim=(0, 1.08),
+           title=f"shape fidelity per frame, {len(per_frames[0])} held-out clips (95% bands)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
     test = shapes.load_dataset(args.test)
@@ -166,6 +187,11 @@ def main(argv=None):
         contact_sheet(test["frames"][:args.png_clips, :videos[0].shape[1]], [v[:args.png_clips] for v in videos],
                       names, L, args.png, args.png_clips)
         print(f"wrote {args.png}")
+    if args.plot:
+        fpc = results[0]["frames_per_chunk"]                             # the prefix: one chunk of true frames
+        per_frames = [fidelity(v[:, fpc:], test, fpc) for v in videos]
+        plot_per_frame(per_frames, [Path(r).name for r in args.runs], L, fpc, args.plot)
+        print(f"wrote {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -76,9 +76,10 @@ def test_tune_toy_scores_two_checkpoints_paired(tmp_path, capsys):
     import tune_toy
     tf, rf_ = ROOT / "checkpoints" / "toy_tf", ROOT / "checkpoints" / "toy_ar_s0.6"
     tune_toy.main([str(tf), str(rf_), "--clips", "3", "--steps", "1", "--json", str(tmp_path / "r.json"),
-                   "--png", str(tmp_path / "r.png"), "--png_clips", "2"])
+                   "--png", str(tmp_path / "r.png"), "--png_clips", "2", "--plot", str(tmp_path / "f.png")])
     printed = capsys.readouterr().out
     assert "(paired)" in printed and (tmp_path / "r.png").stat().st_size > 1000
+    assert (tmp_path / "f.png").stat().st_size > 1000
     results = json.loads((tmp_path / "r.json").read_text())
     for key in ("one-step", "chunk 1", "1x", "2x", "4x", "true@L", "true@2L"):
         mean, ci = results[0][key]
