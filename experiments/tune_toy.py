@@ -145,7 +145,6 @@ def contact_sheet(truth, rollouts, names, L, path, clips, scale=3, gap=2):
     sheet.save(path)
 
 
-@torch.no_grad()
 def plot_per_frame(per_frames, names, L, fpc, path):
     """Mean shape fidelity per generated frame over the clips, with its 95% band, one line per run."""
     plt = media.pyplot()
@@ -165,6 +164,7 @@ def plot_per_frame(per_frames, names, L, fpc, path):
     plt.close(fig)
 
 
+@torch.no_grad()
 def main(argv=None):
     args = parse_args(argv)
     test = shapes.load_dataset(args.test)
