@@ -120,12 +120,17 @@ def parse_args(argv=None):
 # one step: the method on one screen
 # ----------------------------------------------------------------------------------------------------------------
 
+def history_mode(run, step):
+    """The history degradation of step `step` (0-based): the ground truth through the warm-up, then --degrade."""
+    return "none" if step < run.train.warmup_steps else run.cfg.degrade
+
+
 def train_step(run, step):
     """One optimizer step: batch -> (degrade history -> per-chunk t -> one forward -> loss) per micro-batch ->
     backward -> update. Returns (the history mode, the loss of every micro-batch, chunk losses (B, N), chunk t
     (B, N), and what went wrong or None: a non-finite loss or gradient skips the update)."""
     train, world = run.train, run.world
-    mode = "none" if step < train.warmup_steps else run.cfg.degrade           # teacher-forcing warm-up first
+    mode = history_mode(run, step)                                            # teacher-forcing warm-up first
     clip, cond = run.data.batch(step, train.batch_size, run.gen, train.caption_dropout, rows=run.mine)
     run.opt.zero_grad(set_to_none=True)
     before = run.gen.get_state()
@@ -333,8 +338,8 @@ class Run:
         tensors |= {f"{name}_ema": m.state_dict() for name, m in self.emas.items()}
         opt_tensors, param_groups = checkpoints.optimizer_tensors(self.opt)
         tensors["train_state"] = opt_tensors | {"rng": self.gen.get_state()}
-        mode = "none" if step <= train.warmup_steps else cfg.degrade
-        stage = {"none": "teacher_forcing", "noise": "noise_augmentation"}.get(mode, "resampling_forcing")
+        last = history_mode(self, step - 1)                                      # of the last step taken
+        stage = {"none": "teacher_forcing", "noise": "noise_augmentation"}.get(last, "resampling_forcing")
         meta = dict(config=checkpoints.config_to_dict(cfg), train=dataclasses.asdict(train), step=step, stage=stage,
                     vocab=shapes.VOCAB, param_groups=param_groups)
         try:

@@ -118,11 +118,11 @@ def evaluate_run(run, test, args):
             per_clip[name] = per_frame[:, a - fpc:b - fpc].mean(1)
     for P, name in zip(true_at, ("true@L", "true@2L")):
         per_clip[name] = fidelity(np.concatenate(true_at[P]), test, P).mean(1)
-    info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L, frames_per_chunk=fpc,
+    info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L,
                 sampler=dict(steps=args.steps or cfg.sample_steps, shift=args.shift or cfg.sample_shift,
                              cfg=cfg.sample_cfg if args.cfg is None else args.cfg, ema=args.ema, window=cfg.window),
                 seconds=round(seconds, 1))
-    return info, per_clip, rollouts, L
+    return info, per_clip, rollouts, per_frame, L
 
 
 def contact_sheet(truth, rollouts, names, L, path, clips, scale=3, gap=2):
@@ -146,7 +146,7 @@ def contact_sheet(truth, rollouts, names, L, path, clips, scale=3, gap=2):
 
 
 def plot_per_frame(per_frames, names, L, fpc, path):
-    """Mean shape fidelity per generated frame over the clips, with its 95% band, one line per run."""
+    """Mean shape fidelity per generated frame (frames fpc ..) over the clips, with its 95% band, one line per run."""
     plt = media.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, pf in zip(names, per_frames):                                   # pf: (N, generated frames)
@@ -168,12 +168,13 @@ def plot_per_frame(per_frames, names, L, fpc, path):
 def main(argv=None):
     args = parse_args(argv)
     test = shapes.load_dataset(args.test)
-    results, per_clips, videos = [], [], []
+    results, per_clips, videos, per_frames = [], [], [], []
     for run in args.runs:
-        info, per_clip, rollouts, L = evaluate_run(run, test, args)
+        info, per_clip, rollouts, per_frame, L = evaluate_run(run, test, args)
         results.append(info | {k: mean_ci(v) for k, v in per_clip.items()})
         per_clips.append(per_clip)
         videos.append(rollouts)
+        per_frames.append(per_frame)
         cells = "  ".join(f"{k} {m:.3f}±{h:.3f}" for k, v in per_clip.items() for m, h in [mean_ci(v)])
         print(f"{run} (step {info['step']}, {info['stage']}, {args.clips} clips, {info['seconds']} s): {cells}",
               flush=True)
@@ -182,15 +183,14 @@ def main(argv=None):
         print(f"{run} minus {args.runs[0]} (paired): " +
               "  ".join(f"{k} {m:+.3f}±{h:.3f}" for k, (m, h) in diff.items()))
         results.append(dict(paired=f"{run} - {args.runs[0]}", **diff))
+    names = [Path(r).name for r in args.runs]
     if args.png:
-        names = [Path(r).name for r in args.runs]
         contact_sheet(test["frames"][:args.png_clips, :videos[0].shape[1]], [v[:args.png_clips] for v in videos],
                       names, L, args.png, args.png_clips)
         print(f"wrote {args.png}")
     if args.plot:
-        fpc = results[0]["frames_per_chunk"]                             # the prefix: one chunk of true frames
-        per_frames = [fidelity(v[:, fpc:], test, fpc) for v in videos]
-        plot_per_frame(per_frames, [Path(r).name for r in args.runs], L, fpc, args.plot)
+        fpc = videos[0].shape[1] - per_frames[0].shape[1]                # the prefix: one chunk of true frames
+        plot_per_frame(per_frames, names, L, fpc, args.plot)
         print(f"wrote {args.plot}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
