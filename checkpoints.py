@@ -42,16 +42,45 @@ def load_checkpoint(path):
     """Read a checkpoint folder -> (meta dict, {group name: {key: tensor}}). Never unpickles anything."""
     from safetensors.torch import load_file
     path = Path(path)
+    meta = read_meta(path)
+    try:
+        tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); {instead(path)}") from None
+    return meta, tensors
+
+
+def read_meta(path) -> dict:
+    """A checkpoint folder's meta.json -> dict. A FileNotFoundError (one line) if there is none; a ValueError (one
+    line, "...; use ...") if it is damaged."""
+    path = Path(path)
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}/meta.json): pass a folder written by "
                                 f"train.py (e.g. runs/toy/latest after python train.py) or a shipped one "
                                 f"(checkpoints/toy_tf, checkpoints/toy_ar_s0.6)")
     try:
         meta = json.loads((path / "meta.json").read_text())
-        tensors = {f.stem: load_file(str(f)) for f in sorted(path.glob("*.safetensors"))}
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); use an earlier one") from None
-    return meta, tensors
+    except (OSError, ValueError) as e:                     # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"checkpoint {path} is corrupt (meta.json: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); {instead(path)}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"checkpoint {path} is corrupt (meta.json holds a {type(meta).__name__}, not the "
+                         f"checkpoint's description); {instead(path)}")
+    return meta
+
+
+def instead(path) -> str:
+    """What to use instead of the damaged checkpoint `path`: "use an earlier one, e.g. OUT/step_N" when its run
+    holds one."""
+    path = Path(path)
+    try:
+        here = path.resolve()
+        earlier = [p for p in saved_steps(here.parent) if p.resolve() != here and p.name < here.name]
+    except OSError:
+        earlier = []
+    if earlier:
+        return f"use an earlier one, e.g. {path.parent / earlier[-1].name}"
+    return "use an earlier one (or another: the shipped ones are in checkpoints/)"
 
 
 def check_state_keys(own: dict, state: dict, what="weights",
@@ -92,6 +121,45 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# paths in meta.json: relative to the repository when inside it, so a checkpoint reads the same on any machine
+# ----------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).parent                        # the repository
+PATH_FIELDS = ("data", "out", "cache", "resume", "wan", "text_encoder", "vae")    # train.py options that name files
+
+
+def portable_paths(train: dict) -> dict:
+    """train.py's settings for meta.json: each path option that names an existing file or folder, relative to the
+    repository when inside it ("tiny_data/train.npz", "runs/toy"), absolute otherwise. Other values (a hub id,
+    "latest", "") stay as they are."""
+    train = dict(train)
+    for name in PATH_FIELDS:
+        value = train.get(name)
+        if not value or value == "latest" or not Path(value).exists():
+            continue
+        path = Path(os.path.abspath(value))
+        for p, root in ((path, Path(os.path.abspath(ROOT))), (path.resolve(), ROOT.resolve())):
+            if p.is_relative_to(root):
+                train[name] = str(p.relative_to(root))
+                break
+        else:
+            train[name] = str(path)
+    return train
+
+
+def local_paths(train: dict) -> dict:
+    """The inverse, when a run's settings are read back: a relative path that exists inside the repository becomes
+    that absolute path, whatever the current folder."""
+    train = dict(train)
+    for name in PATH_FIELDS:
+        value = train.get(name)
+        if value and value != "latest" and isinstance(value, str) and not Path(value).is_absolute() \
+                and (ROOT / value).exists():
+            train[name] = str(ROOT.resolve() / value)
+    return train
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # checkpoint -> models
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -116,6 +184,8 @@ def load_models(path, ema=True, device="cpu", overrides=None):
     """A toy checkpoint folder -> (dit, text_encoder, meta), in eval mode, rebuilt from the folder alone.
     ema: the EMA weights (what sampling uses) or the online ones. overrides: routing options to change."""
     meta, tensors = load_checkpoint(path)
+    if "config" not in meta:
+        raise ValueError(f"checkpoint {path} is corrupt (its meta.json has no config); {instead(path)}")
     cfg = checkpoint_config(meta["config"], overrides or {}, ROUTING_FIELDS, f"sampling {path}")
     suffix = "_ema" if ema else ""
     dit, text_encoder = DiT(cfg), CaptionEncoder(len(meta["vocab"]), cfg.text_dim, cfg.text_len)

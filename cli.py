@@ -7,9 +7,7 @@ several processes under torchrun.
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import os
-import re
 import signal
 import threading
 from datetime import timedelta
@@ -25,28 +23,71 @@ def fail(message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# options from dataclasses: every field is an option, and the comment beside the field is its help
+# options from dataclasses: every field is an option; its help comes from the field's metadata (train.py's Train,
+# through `option`) or from a table (CONFIG_HELP, for rf.Config)
 # ----------------------------------------------------------------------------------------------------------------
 
 # options whose value is one of a few words: -h lists them
 CHOICES = dict(degrade=rf.DEGRADE_MODES, train_t=rf.TRAIN_T, on_nan=("stop", "skip"), on_bad_clip=("stop", "skip"),
                preset=tuple(rf.PRESETS))
 
+# The --help of each rf.Config field. (rf.py keeps short comments beside the fields for readers of the code; the
+# options' help is this table.) tests/test_cli_messages.py checks that every field has an entry.
+CONFIG_HELP = dict(
+    dim="model width D",
+    ffn_dim="hidden width of each block's feed-forward layer",
+    freq_dim="width of the timestep sinusoid",
+    num_heads="attention heads (head width = dim / num_heads)",
+    num_layers="DiT blocks",
+    text_len="text tokens the cross-attention reads (padded with zeros)",
+    text_dim="width of the text features (Wan's umT5: 4096)",
+    in_dim="channels of the model's input frames (Wan: latent channels; toy: RGB)",
+    out_dim="channels of the predicted velocity",
+    patch_size="(frames, height, width) per token; frames must be 1",
+    eps="epsilon of the norms",
+    frames_per_chunk="frames denoised together; attention is causal across chunks",
+    frame_size="(H, W) of the frames the sampler draws (Wan: 480x832 pixels / 8, the VAE's stride; toy: pixels)",
+    degrade="how the history is degraded in training after the warm-up: none (teacher forcing) | noise | parallel | "
+            "autoregressive (Resampling Forcing)",
+    resample_shift="shift s of Eq. 7 for the simulation timestep t_s (paper: 0.6)",
+    resample_steps="Euler steps from t_s down to 0 when the history is resampled (paper: 1)",
+    noise_aug_max="degrade noise: history = x_tau with tau ~ U(0, noise_aug_max)",
+    train_t="per-chunk training t: uniform | logit_normal, then shifted by train_shift",
+    train_shift="shift s of Eq. 7 applied to the training t (s > 1: more weight near noise)",
+    sample_steps="Euler steps per chunk when sampling",
+    sample_shift="shift of the sampler's timestep grid",
+    sample_cfg="classifier-free guidance scale when sampling (1 = off)",
+    top_k="history routing: each query reads its own chunk + the k best history chunks, not all of them",
+    window="ablation: the last `window` history chunks instead of the top k",
+    sink="ablation: always read history chunk 0 too (the \"attention sink\"); needs top_k or window",
+)
 
-def field_help(cls) -> dict:
-    """{field name: the comment on its line} from the source of dataclass `cls`."""
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
-        if m:
-            helps[m.group(1)] = m.group(2).removeprefix("[RF] ")
-    return helps
+
+def option(default, help):
+    """A dataclass field whose --help is `help` (kept in the field's metadata)."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
-def add_dataclass_options(parser, cls, skip=()):
+def option_help(cls) -> dict:
+    """{field name: its help}: rf.Config's from CONFIG_HELP, any other dataclass's from its fields' metadata."""
+    if cls is rf.Config:
+        return dict(CONFIG_HELP)
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(cls) if "help" in f.metadata}
+
+
+def show(value):
+    """A default as the command line writes it: (1, 4, 4) -> 1 4 4; None -> off."""
+    if isinstance(value, (tuple, list)):
+        return " ".join(map(str, value))
+    return "off" if value is None else str(value)
+
+
+def add_dataclass_options(parser, cls, skip=(), defaults=None):
     """One option per field of `cls`, absent from the result unless given (argparse.SUPPRESS), so a caller can tell
-    "keep the saved value" from "change it". Tuples take several ints; bools get --x / --no-x."""
-    helps = field_help(cls)
+    "keep the saved value" from "change it". Tuples take several ints; bools get --x / --no-x.
+    defaults: {field name: the text that says its default} where the field's own default is not the whole story
+    (e.g. a value that depends on --preset)."""
+    helps = option_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -59,12 +100,26 @@ def add_dataclass_options(parser, cls, skip=()):
             kind = dict(action=argparse.BooleanOptionalAction)
         if f.name in CHOICES:     # shown, not enforced by argparse (its error is a usage dump): check_ranges or
             kind["metavar"] = "{" + ",".join(CHOICES[f.name]) + "}"    # the Config check says it in one line
-        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"{text} (default: {default})", **kind)
+        said = (defaults or {}).get(f.name, f"default: {show(default)}")
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"{text} ({said})", **kind)
 
 
-def add_config_options(parser):
-    """The rf.Config fields, as options that override the preset (or, where allowed, a checkpoint's config)."""
-    add_dataclass_options(parser.add_argument_group("model and method (override the preset)"), rf.Config)
+def preset_defaults() -> dict:
+    """{Config field: "toy: 128; wan2.1-t2v-1.3b: 1536"}, or "default: X" where every preset has the same value."""
+    values = {name: rf.preset(name) for name in rf.PRESETS}
+    said = {}
+    for f in dataclasses.fields(rf.Config):
+        per = {name: show(getattr(cfg, f.name)) for name, cfg in values.items()}
+        said[f.name] = (f"default: {next(iter(per.values()))}" if len(set(per.values())) == 1 else
+                        "; ".join(f"{name}: {v}" for name, v in per.items()))
+    return said
+
+
+def add_config_options(parser, title="model and method (default: the --preset's value, given per preset)",
+                       description=None):
+    """The rf.Config fields, as options that override the preset (or, where allowed, a checkpoint's config). Each
+    option's help gives its value in every preset, since the default depends on --preset."""
+    add_dataclass_options(parser.add_argument_group(title, description), rf.Config, defaults=preset_defaults())
 
 
 def split_config_options(given: dict):

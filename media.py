@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+RED = (220, 40, 40)          # marks frames past the training clip length (GIF, contact sheet)
+
 
 def from_uint8(frames):
     """(..., H, W, 3) uint8 frames (numpy or torch) -> (..., 3, H, W) float in [-1, 1], the model's pixel range."""
@@ -51,7 +53,7 @@ def save_gif(frames, path, fps=8, boundary=None):
     for i, f in enumerate(frames):
         img = Image.fromarray(f)
         if boundary is not None and i >= boundary:
-            ImageDraw.Draw(img).rectangle([0, 0, img.width - 1, 2], fill=(220, 40, 40))
+            ImageDraw.Draw(img).rectangle([0, 0, img.width - 1, 2], fill=RED)
         imgs.append(img)
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
 
@@ -69,17 +71,32 @@ def save_mp4(frames, path, fps=8):
     return True
 
 
-def save_contact_sheet(rows, labels, path, every=2, scale=3):
-    """One line of frames per video (every `every`-th frame), labelled on the left."""
+def save_contact_sheet(rows, labels, path, every=2, scale=3, boundary=None):
+    """One line of frames per video (every `every`-th frame), labelled on the left. Above the columns, each frame's
+    number (counted from 1, as in the GIF); with `boundary` (the training clip length, in frames), a red bar over the
+    frames past it and a line below the sheet that says so."""
     frames = [np.concatenate(list(v[::every]), axis=1) for v in rows]              # (H, F/every * W, 3)
-    label_w = 180
+    label_w, head = 180, 16
     H, W = frames[0].shape[:2]
-    sheet = Image.new("RGB", (label_w + W * scale, len(frames) * (H * scale + 4)), "white")
+    w = rows[0].shape[2] * scale                                                   # one frame's width on the sheet
+    shown = range(0, len(rows[0]), every)                                          # 0-based frame indices
+    past = [boundary is not None and i >= boundary for i in shown]
+    foot = 14 if any(past) else 0
+    sheet = Image.new("RGB", (label_w + W * scale, head + len(frames) * (H * scale + 4) + foot), "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((4, 1), "frame", fill="black")
+    for j, (i, late) in enumerate(zip(shown, past)):
+        x = label_w + j * w
+        draw.text((x + 2, 1), str(i + 1), fill=RED if late else "black")
+        if late:
+            draw.rectangle([x, head - 4, x + w - 1, head - 2], fill=RED)
     for i, (f, label) in enumerate(zip(frames, labels)):
-        y = i * (H * scale + 4)
+        y = head + i * (H * scale + 4)
         sheet.paste(Image.fromarray(f).resize((W * scale, H * scale), Image.NEAREST), (label_w, y))
         draw.text((4, y + H * scale // 2 - 6), label, fill="black")
+    if foot:
+        draw.text((4, sheet.height - foot + 1), f"red bar: frames past the training clip length ({boundary} frames)",
+                  fill=RED)
     sheet.save(path)
 
 

@@ -17,7 +17,7 @@ The latents are saved first (wan_seedN_latents.safetensors); --latents FILE deco
 """
 
 import argparse
-import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,9 @@ def parse_args(argv=None):
                    help="toy: also roll out these checkpoints, on the same clips, prefix and seed, side by side "
                         "(e.g. --ckpt checkpoints/toy_tf --compare checkpoints/toy_ar_s0.6 --frames 32)")
     p.add_argument("--out", default=None,
-                   help="output folder (default: <ckpt>/../samples; runs/compare with --compare)")
+                   help="output folder (default: the run's samples/ for a checkpoint of a train.py run, e.g. "
+                        "runs/toy/samples for runs/toy/latest; runs/samples/<checkpoint folder name> for another, "
+                        "e.g. a shipped one; runs/compare with --compare; runs/samples/wan for --preset)")
     p.add_argument("--caption", default=None, help='e.g. "red circle, blue square"; default: test-set clips')
     p.add_argument("--num", type=int, default=None, help="number of videos (default: toy 4, Wan 1)")
     p.add_argument("--frames", type=int, default=None,
@@ -81,7 +83,9 @@ def parse_args(argv=None):
                      help="run the text encoder on the CPU, so it never takes GPU memory (slower)")
     group.add_argument("--latents", default=None, metavar="FILE",
                      help="only decode FILE, the latents an earlier run saved (wan_seedN_latents.safetensors)")
-    cli.add_config_options(p)
+    cli.add_config_options(p, "model and method", "With --preset: these override the preset's values (given per "
+                           "preset below).\nWith --ckpt: the model is the checkpoint's; only top_k, window and sink "
+                           "may change.")
     args, overrides = cli.split_config_options(vars(p.parse_args(argv)))
     return argparse.Namespace(**args), overrides
 
@@ -91,7 +95,10 @@ def main(argv=None):
     cli.check_ranges(args, SAMPLE_RANGES)
     device = cli.pick_device(args.device)
     meta_file = Path(args.ckpt or "") / "meta.json"
-    meta = json.loads(meta_file.read_text()) if args.ckpt and meta_file.is_file() else None
+    try:
+        meta = checkpoints.read_meta(args.ckpt) if args.ckpt and meta_file.is_file() else None
+    except ValueError as e:                                 # a damaged meta.json: one line, not a traceback
+        cli.fail(e)
     if args.preset is not None and not args.preset.startswith("wan"):
         cli.fail(f"--preset {args.preset!r}: sample.py takes --preset only for Wan (wan2.1-t2v-1.3b); the toy "
                  f"samples from a --ckpt")
@@ -132,24 +139,28 @@ def main_toy(args, overrides, device):
     out = output_folder(args, ckpts)
     videos = []
     for ckpt, (dit, text_encoder, meta) in zip(ckpts, models):
-        print(f"checkpoint {ckpt} (step {meta['step']}, {method_label(meta)}: degrade {dit.cfg.degrade}), "
+        print(f"checkpoint {ckpt} (step {meta['step']}, {trained_with(meta)}), "
               f"{'EMA' if args.ema else 'online'} weights, seed {args.seed}, device {device}")
         prefix = truth[:, :prefix_frames].to(device) if prefix_frames else None
         videos.append(media.to_uint8(rollout(dit, text_encoder, captions, prefix, args, device)))
-    names = [method_label(meta, dit.cfg) for dit, _, meta in models] if args.compare else ["generated"]
+    names = column_names(ckpts, models) if args.compare else ["generated"]
     train_frames = models[0][2].get("train", {}).get("clip_frames")
     write_toy(out, videos, truth, names, captions, args, prefix_frames, train_frames)
 
 
 def toy_inputs(args, fpc):
     """-> (captions, truth (N, F, 3, H, W) in [-1, 1] or None, prefix frames) for --caption or the test clips."""
-    prefix_frames = args.prefix_frames if args.prefix_frames is not None else (0 if args.caption else fpc)
+    prefix_frames = args.prefix_frames if args.prefix_frames is not None else (0 if args.caption is not None else fpc)
     for name, n in (("--frames", args.frames), ("--prefix_frames", prefix_frames)):
         if n % fpc:
             raise ValueError(f"{name} {n} is not a multiple of the chunk ({fpc} frames): use {n - n % fpc or fpc}")
     if args.caption is not None:
         if prefix_frames:
-            raise ValueError("--prefix_frames needs test clips: drop --caption to continue test-set clips")
+            raise ValueError(f"--prefix_frames {prefix_frames} continues test clips, and --caption draws new videos "
+                             f"from the caption alone: drop one of the two")
+        if not args.caption.strip():
+            print('note: --caption is empty: the videos are unconditional (shapes of the model\'s choosing); give '
+                  'one like --caption "red circle, blue square", or drop --caption to continue test-set clips')
         return [args.caption] * args.num, None, 0
     test = shapes.load_dataset(args.test_data)
     if args.frames > test["frames"].shape[1]:
@@ -158,13 +169,61 @@ def toy_inputs(args, fpc):
 
 
 def output_folder(args, ckpts):
-    """--out, or next to the (first) checkpoint's run; says so when it replaces samples already there."""
-    out = Path(args.out) if args.out else (Path("runs/compare") if args.compare else
-                                             Path(ckpts[0]).resolve().parent / "samples")
+    """--out; else the run's samples/ for a checkpoint of a train.py run (OUT/latest, OUT/step_N), else
+    runs/samples/<checkpoint folder name> (never beside a shipped checkpoint, inside the repository); runs/compare
+    with --compare. Says where, and when it replaces samples already there."""
+    if args.out:
+        out = Path(args.out)
+    elif args.compare:
+        out = Path("runs/compare")
+    else:
+        ckpt = Path(ckpts[0])
+        in_run = ckpt.name == "latest" or re.fullmatch(r"step_\d+", ckpt.resolve().name)
+        out = ckpt.resolve().parent / "samples" if in_run else Path("runs/samples") / ckpt.resolve().name
+        print(f"samples go to {out} (pass --out to write elsewhere)")
     if (out / "samples.gif").exists():
         print(f"note: replacing the samples in {out} (pass --out to write elsewhere)")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def trained_with(meta) -> str:
+    """The stage a checkpoint was saved in, for a reader: a checkpoint saved during the teacher-forcing warm-up is
+    teacher forcing, whatever --degrade the run would have switched to later."""
+    degrade = meta["config"]["degrade"]
+    if meta.get("stage") == "teacher_forcing" and degrade != "none":
+        warmup = meta.get("train", {}).get("warmup_steps")
+        return "teacher forcing: saved during the warm-up" + (f" (--degrade {degrade} starts at step {warmup})"
+                                                              if warmup else "")
+    return f"{method_label(meta)}: degrade {degrade}"
+
+
+def column_names(ckpts, models) -> list:
+    """One name per --compare column: the method (method_label). Different checkpoints with the same name are told
+    apart by their size where it differs ("teacher forcing (2 layers)"), else by their folder; the same checkpoint
+    twice keeps one name."""
+    names = [method_label(meta, dit.cfg) for dit, _, meta in models]
+    folders = [Path(c).resolve() for c in ckpts]
+
+    def clashes(names):
+        return {i for i, n in enumerate(names)
+                if any(m == n and folders[j] != folders[i] for j, m in enumerate(names))}
+
+    clash = clashes(names)
+    if not clash:
+        return names
+    sizes = [f for f in ("num_layers", "dim", "num_heads", "ffn_dim")
+             if len({getattr(models[i][0].cfg, f) for i in clash}) > 1]
+    words = dict(num_layers="layers", dim="wide", num_heads="heads", ffn_dim="FFN")
+
+    def size(i):
+        return ", ".join(f"{getattr(models[i][0].cfg, f)} {words[f]}" for f in sizes)
+
+    for describe in ((size,) if sizes else ()) + (lambda i: Path(ckpts[i]).name, lambda i: str(ckpts[i])):
+        named = [f"{n} ({describe(i)})" if i in clash else n for i, n in enumerate(names)]
+        if not clashes(named):
+            break
+    return named
 
 
 def method_label(meta, sampling=None) -> str:
@@ -224,7 +283,7 @@ def write_toy(out, videos, truth, names, captions, args, prefix_frames, train_fr
     frames = media.grid_frames(rows, titles=names if args.compare else None)
     media.save_gif(frames, out / "samples.gif", boundary=train_frames)
     wrote_mp4 = media.save_mp4(frames, out / "samples.mp4")
-    media.save_contact_sheet([v for row in rows for v in row], labels, out / "contact_sheet.png")
+    media.save_contact_sheet([v for row in rows for v in row], labels, out / "contact_sheet.png", boundary=train_frames)
     if args.save_frames:
         arrays |= {name: v for name, v in zip(names[-len(videos):], videos)}
         np.savez_compressed(out / "frames.npz", **arrays)
@@ -255,9 +314,10 @@ def main_wan(args, overrides, device, meta):
             cli.fail(e)
         preset_name, fields = meta["train"]["preset"], checkpoints.config_to_dict(cfg)
         weights = Path(args.ckpt) / ("dit_ema.safetensors" if args.ema else "dit.safetensors")
-        source = meta["train"].get("wan") or wan.WAN_PARTS_REPO
-        text_source = args.text_encoder or meta["train"].get("text_encoder") or source
-        vae_source = args.vae or meta["train"].get("vae") or source
+        saved = checkpoints.local_paths(meta["train"])     # paths saved relative to the repository, made whole
+        source = saved.get("wan") or wan.WAN_PARTS_REPO
+        text_source = args.text_encoder or saved.get("text_encoder") or source
+        vae_source = args.vae or saved.get("vae") or source
         out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / "samples"
     else:
         preset_name, fields = args.preset, overrides
@@ -267,7 +327,7 @@ def main_wan(args, overrides, device, meta):
             cli.fail(f"{e}")
         weights = source = args.wan or wan.WAN_PARTS_REPO
         text_source, vae_source = args.text_encoder or source, args.vae or source
-        out = Path(args.out) if args.out else Path("samples")
+        out = Path(args.out) if args.out else Path("runs/samples/wan")
     frames, num = args.frames or 81, args.num or 1
     height, width = args.height or 8 * cfg.frame_size[0], args.width or 8 * cfg.frame_size[1]
     step = 8 * cfg.patch_size[1]                              # the VAE's 8 x the patch's 2

@@ -40,47 +40,52 @@ import kernels
 import media
 import rf
 import wan
+from cli import option
 from tiny_data import shapes
 from tiny_data.caption_encoder import CaptionEncoder
 
 
 # NOTE(choice): the toy's quick start is 3000 teacher-forcing steps, then 500 of Resampling Forcing. The method
 # needs a model whose per-chunk error is small: on a model that is bad at every chunk, resampling only adds noise
-# (measured for issue 14: switching at 3000 costs 0.07 of shape fidelity within the training length and gains
-# nothing yet past it). The long runs that show drift and its cure ship in checkpoints/.
+# (measured: switching at 3000 costs 0.07 of shape fidelity within the training length and gains nothing yet past
+# it). The long runs that show drift and its cure ship in checkpoints/.
+# Each field is an option of the same name; its --help is the text beside it.
 @dataclass
 class Train:
-    preset: str = "toy"               # the model: toy (laptop) or wan2.1-t2v-1.3b (the real one)
-    data: str = str(shapes.TRAIN_PATH)   # an .npz from tiny_data/shapes.py, or a folder of clips + .txt captions
-    out: str = "runs/toy"             # the run's folder: checkpoints, log.jsonl, loss.png, samples/
-    steps: int = 3500                 # total optimizer steps (with --resume: the step to stop at)
-    warmup_steps: int = 3000          # teacher forcing first: early on the model's errors are noise, not drift
-    batch_size: int = 8               # clips per optimizer step, over all processes and micro-batches
-    grad_accum: int = 1               # micro-batches per optimizer step (gradients summed before the step)
-    clip_frames: int = 8              # frames per training clip (4 chunks of 2 in the toy; Wan: video frames, 1 + 4k)
-    lr: float = 2e-3                  # AdamW learning rate
-    lr_decay: bool = False            # cosine decay of the lr from --lr to --lr / 10 over the run's --steps
-    weight_decay: float = 0.0         # AdamW weight decay
-    grad_clip: float = 1.0            # clip the gradient norm to this
-    ema: float = 0.995                # decay of the weights' moving average, which sampling uses
-    caption_dropout: float = 0.1      # empty caption this often, so classifier-free guidance has something to use
-    log_every: int = 250              # steps between log lines (loss per noise level)
-    ckpt_every: int = 500             # steps between checkpoints
-    keep_last: int = 3                # checkpoints kept on disk
-    seed: int = 0                     # one seed for the weights, the batches and every noise draw
-    device: str = "auto"              # auto (the GPU if there is one) | cpu | cuda | cuda:N
-    resume: str = ""                  # continue the run in --out from its newest complete checkpoint (or from PATH)
-    sample: bool = True               # write sample GIFs with sample.py at the end
-    on_nan: str = "stop"              # non-finite loss or gradient: stop (keeping the last checkpoint) | skip the step
-    on_bad_clip: str = "skip"         # a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop
-    dry_run: bool = False             # Wan presets: check both checkpoint key layouts, print memory needs, exit
-    grad_checkpointing: bool = False  # recompute each block in backward: far less activation memory
-    compile: bool = False             # compile each DiT block (kernels.compile_blocks): pays on a GPU, not on a CPU
+    preset: str = option("toy", "the model: toy (laptop) or wan2.1-t2v-1.3b (the real one)")
+    data: str = option(str(shapes.TRAIN_PATH), "an .npz from tiny_data/shapes.py, or a folder of clips + .txt "
+                       "captions")
+    out: str = option("runs/toy", "the run's folder: checkpoints, log.jsonl, loss.png, samples/")
+    steps: int = option(3500, "the step to stop at: the run's total optimizer steps (with --resume too, not the "
+                        "number of steps to add)")
+    warmup_steps: int = option(3000, "teacher forcing first: early on the model's errors are noise, not drift")
+    batch_size: int = option(8, "clips per optimizer step, over all processes and micro-batches")
+    grad_accum: int = option(1, "micro-batches per optimizer step (gradients summed before the step)")
+    clip_frames: int = option(8, "frames per training clip (4 chunks of 2 in the toy; Wan: video frames, 1 + 4k)")
+    lr: float = option(2e-3, "AdamW learning rate")
+    lr_decay: bool = option(False, "cosine decay of the lr from --lr to --lr / 10 over the run's --steps")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "clip the gradient norm to this")
+    ema: float = option(0.995, "decay of the weights' moving average, which sampling uses")
+    caption_dropout: float = option(0.1, "empty caption this often, so classifier-free guidance has something to "
+                                    "use")
+    log_every: int = option(250, "steps between log lines (loss per noise level)")
+    ckpt_every: int = option(500, "steps between checkpoints")
+    keep_last: int = option(3, "checkpoints kept on disk")
+    seed: int = option(0, "one seed for the weights, the batches and every noise draw")
+    device: str = option("auto", "auto (the GPU if there is one) | cpu | cuda | cuda:N")
+    resume: str = option("", "continue the run in --out from its newest complete checkpoint (or from PATH)")
+    sample: bool = option(True, "write sample GIFs with sample.py at the end")
+    on_nan: str = option("stop", "non-finite loss or gradient: stop (keeping the last checkpoint) | skip the step")
+    on_bad_clip: str = option("skip", "a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop")
+    dry_run: bool = option(False, "Wan presets: check both checkpoint key layouts, print memory needs, exit")
+    grad_checkpointing: bool = option(False, "recompute each block in backward: far less activation memory")
+    compile: bool = option(False, "compile each DiT block (kernels.compile_blocks): pays on a GPU, not on a CPU")
     # Wan presets only: where the weights come from (a local folder or a hub id), and the latent cache
-    wan: str = wan.WAN_PARTS_REPO     # the DiT to start from (any wan.load_wan source)
-    text_encoder: str = ""            # umT5 + tokenizer in the diffusers layout (default: --wan)
-    vae: str = ""                     # Wan's VAE in the diffusers layout (default: --wan)
-    cache: str = ""                   # where encoded clips go (default: DATA/.rf_cache)
+    wan: str = option(wan.WAN_PARTS_REPO, "Wan presets: the DiT to start from (any wan.load_wan source)")
+    text_encoder: str = option("", "Wan presets: umT5 + tokenizer in the diffusers layout")
+    vae: str = option("", "Wan presets: Wan's VAE in the diffusers layout")
+    cache: str = option("", "Wan presets: where encoded clips go")
 
 
 # Train defaults of the Wan presets, where the command line does not set them. The paper fine-tunes with AdamW at
@@ -109,7 +114,11 @@ def parse_args(argv=None):
     """-> (the Train fields given on the command line, the Config fields given). Unset options are absent, so a
     resumed run can tell "keep the checkpoint's value" from "change it"."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_dataclass_options(p, Train, skip=("resume",))
+    wan_too = {name: f"default: {cli.show(getattr(Train, name))}; Wan presets: {cli.show(value)}"
+               for name, value in WAN_DEFAULTS.items() if value != getattr(Train, name)}
+    wan_too |= dict(data="default: tiny_data/train.npz; Wan presets: a folder you give", text_encoder="default: --wan",
+                    vae="default: --wan", cache="default: DATA/.rf_cache")
+    cli.add_dataclass_options(p, Train, skip=("resume",), defaults=wan_too)
     p.add_argument("--resume", nargs="?", const="latest", default=argparse.SUPPRESS, metavar="PATH",
                    help="continue the run in --out from its newest complete checkpoint, or from checkpoint PATH")
     cli.add_config_options(p)
@@ -195,11 +204,15 @@ def main(argv=None):
         train, cfg, resumed = settings(train, given, overrides)
     except ValueError as e:
         cli.fail(e)
+    if train.steps == 0 and not is_wan(train.preset):     # only the Wan presets have something to prepare
+        cli.fail(f"--steps 0 trains nothing (the {train.preset} preset has no cache to build first): pass the step to "
+                 f"stop at, e.g. --steps {Train.steps}")
     run = Run(train, cfg, resumed, overrides)
     say = run.say
     say(f"device {run.device}; preset {train.preset}; overrides {overrides or 'none'}" + run.split_note)
     if train.steps == 0:                                   # e.g. build the Wan cache once, before a torchrun
-        say("--steps 0: the data is ready; nothing to train")
+        say("--steps 0: the video cache is built (see above); nothing trained and --out left alone. Pass --steps N "
+            "to train")
         return run.close()
     say(f"DiT {run.size('dit')}M parameters" + ("" if run.real_wan else f", caption encoder {run.size('text_encoder')}M"))
     if resumed:
@@ -255,12 +268,14 @@ def settings(train, given, overrides):
     # the saved run settings, except those given now (--steps to go further; a new stage may change --data,
     # --clip_frames, --lr, ...; the resumed run is then no longer the uninterrupted one, by choice)
     known = {f.name for f in dataclasses.fields(Train)} - {"resume"}       # a field an older version had: ignored
-    saved = {k: v for k, v in meta["train"].items() if k in known}
+    saved = {k: v for k, v in checkpoints.local_paths(meta["train"]).items() if k in known}
     train = Train(**{**saved, **given, "out": str(out)})
     cli.check_ranges(train, TRAIN_RANGES)
     if train.steps <= meta["step"]:
-        raise ValueError(f"{path} is at step {meta['step']} and --steps is {train.steps} (the total, not the steps "
-                         f"to add): pass --steps {meta['step'] + train.ckpt_every} or more to go on")
+        raise ValueError(f"{path} is at step {meta['step']}, and --steps is the step to stop at (not the number of "
+                         f"steps to add), so --steps {train.steps} has nothing left to train: pass --steps greater "
+                         f"than {meta['step']} (e.g. --steps {meta['step'] + train.ckpt_every} for "
+                         f"{train.ckpt_every} more)")
     return train, cfg, (path, meta, tensors)
 
 
@@ -288,8 +303,8 @@ class Run:
             if not resumed and checkpoints.saved_steps(self.out):
                 raise ValueError(f"{self.out} already holds a run: pass --resume to continue it or --out to start "
                                  f"a new one")
-            check_writable(self.out)
-            if train.steps:
+            if train.steps:                                # --steps 0 (Wan: build the cache) writes no run folder
+                check_writable(self.out)
                 self.build(resumed, overrides)
         except (OSError, ValueError) as e:
             cli.fail(str(e).splitlines()[0])
@@ -340,7 +355,8 @@ class Run:
         tensors["train_state"] = opt_tensors | {"rng": self.gen.get_state()}
         last = history_mode(self, step - 1)                                      # of the last step taken
         stage = {"none": "teacher_forcing", "noise": "noise_augmentation"}.get(last, "resampling_forcing")
-        meta = dict(config=checkpoints.config_to_dict(cfg), train=dataclasses.asdict(train), step=step, stage=stage,
+        options = checkpoints.portable_paths(dataclasses.asdict(train))     # paths relative to the repository
+        meta = dict(config=checkpoints.config_to_dict(cfg), train=options, step=step, stage=stage,
                     vocab=shapes.VOCAB, param_groups=param_groups)
         try:
             self.last_ckpt = checkpoints.save_step(self.out, step, tensors, meta, train.keep_last)

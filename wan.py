@@ -3,9 +3,10 @@ wan.py -- Wan2.1's files: the DiT's weights in both key layouts, umT5 and the VA
 
 Our module names are those of Wan's own checkpoint (Wan-AI/Wan2.1-T2V-1.3B), so loading it into rf.DiT is a
 key-for-key copy. diffusers' WanTransformer3DModel (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds the same tensors under
-other names: a pure rename, no transpose, split or reshape (shared/notes/wan.md, section 5). Both hubs store fp32
-(5.7 GB). The text encoder (umT5) and the VAE are not re-implemented: transformers' and diffusers' classes, read
-from the diffusers layout of the Wan repo and imported only when used.
+other names: a pure rename (every tensor has the same shape and values in both; no transpose, split or reshape),
+as the tables below spell out and tests/test_wan_loading.py checks. Both hubs store fp32 (5.7 GB). The text encoder
+(umT5) and the VAE are not re-implemented: transformers' and diffusers' classes, read from the diffusers layout of
+the Wan repo and imported only when used.
 """
 
 import html
@@ -21,12 +22,7 @@ from checkpoints import check_state_keys
 from rf import DiT, ROPE_LEN, Config, preset
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Wan2.1 weights: key names, loading, a memory estimate
-# ----------------------------------------------------------------------------------------------------------------
-# Our module names are those of Wan's own checkpoint (Wan-AI/Wan2.1-T2V-1.3B), so loading it is a key-for-key copy.
-# diffusers' WanTransformer3DModel (Wan-AI/Wan2.1-T2V-1.3B-Diffusers) holds the same tensors under other names: a
-# pure rename, no transpose, split or reshape (shared/notes/wan.md, section 5). Both hubs store fp32 (5.7 GB).
+# --- key names: Wan's and diffusers' -----------------------------------------------------------------------------
 
 # Module names, Wan -> diffusers. A key is a module name + ".weight" / ".bias", or the name of a bare parameter.
 WAN_TO_DIFFUSERS = {
@@ -109,7 +105,7 @@ def keeps_fp32(name: str) -> bool:
 
 
 def _param_dtype(name, dtype):
-    # NOTE(choice): "everything in dtype" would be simplest, but the DiT's fp32 islands (section 4) feed fp32 inputs to
+    # NOTE(choice): "everything in dtype" would be simplest, but the fp32 islands of rf.py's DiT feed fp32 inputs to
     # these layers with autocast off, and would fail on bf16 weights. So with a 16-bit dtype they stay fp32, like
     # diffusers' _keep_in_fp32_modules; they are ~17M of the 1.3B parameters. The rest runs under bf16 autocast.
     return torch.float32 if dtype.is_floating_point and dtype.itemsize < 4 and keeps_fp32(name) else dtype

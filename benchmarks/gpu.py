@@ -1,5 +1,5 @@
 """
-The GPU check (issue 13): one command that runs the first time on a bare CUDA machine, and a report of what it saw.
+The GPU check: one command that runs the first time on a bare CUDA machine, and a report of what it saw.
 
     python benchmarks/gpu.py --out gpu_report          # one H100 (README, "On an H100"): report.md, report.json
     python benchmarks/gpu.py --tiny --out /tmp/gpu     # every section at toy sizes on the CPU (tests/ runs this)
@@ -17,8 +17,8 @@ Sections, each standing alone (a failure prints FAIL with the error and where, a
      routed attention at 20 history chunks; the forward and dense sampling again with compiled blocks
      (kernels.compile_blocks), each checked against the eager result
 On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes, and d, b and c with --profile 7.8 minutes: the
-whole script does not fit one 10-minute device call. Pass --skip a b to spend a short lease on c; --profile adds
-profiles.txt.
+whole script does not fit in 10 minutes. Pass --skip a b to run section c alone when time is short; --profile
+adds profiles.txt.
 No downloads; PyTorch 2.9 or later (what is newer, like torch's varlen_attn, is looked up and skipped if absent).
 In --tiny mode, what needs CUDA runs on what the CPU has (flex eager and forward only; varlen through a plain
 PyTorch stand-in of the kernel) and the report says what was skipped.

@@ -1,5 +1,5 @@
 """
-Routing benchmark (issue 3): attention time and whole per-chunk sampling time against the history length, for dense
+Routing benchmark: attention time and whole per-chunk sampling time against the history length, for dense
 attention, top-k routing (k = 1, 3, 5) and a sliding window, measured side by side (interleaved repeats, medians).
 
     python benchmarks/routing.py                      # toy preset on the CPU (one thread)
@@ -10,7 +10,8 @@ attention, top-k routing (k = 1, 3, 5) and a sliding window, measured side by si
 attention: one self-attention call of the chunk being generated (its T queries) against Nh cached history chunks
 plus itself, batch 2 (the two CFG branches), routing included (scores, top-k, both branches, merge).
 chunk:     one whole generated chunk with the KV cache: `steps` denoising forwards plus the t = 0 re-encode.
-Targets (issue 3): top-5 attention with 20 history chunks <= 0.4x dense; routed, chunk 32 <= 1.3x chunk 4.
+Targets (what routing must reach to pay off): top-5 attention with 20 history chunks <= 0.4x dense; routed,
+chunk 32 <= 1.3x chunk 4.
 
 On the CPU, --keep_freed_memory matters for the routed paths: they allocate big temporaries (gathered keys, tiles),
 and glibc maps every block over 32 MB afresh and hands freed memory back to the OS, so the next call page-faults on

@@ -1,5 +1,5 @@
 """
-Memory of one routed training call (issue 3): the two-branch attention of a two-stream training forward, forward and
+Memory of one routed training call: the two-branch attention of a two-stream training forward, forward and
 backward, at Wan's head layout, with its scores in slabs (kernels.in_slabs, the default) or all at once (--one_piece, as
 before slabs existed). One setting per process, so that the peak resident memory belongs to it alone.
 

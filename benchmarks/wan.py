@@ -1,5 +1,5 @@
 """
-Wan2.1 benchmark (issue 4), random weights at the full 1.3B size:
+Wan2.1 benchmark, random weights at the full 1.3B size:
 
   1. forward  our DiT against diffusers' WanTransformer3DModel on the same weights, at 21 latent frames of 480x832
               (32,760 tokens), both in their bf16 regime (bf16 weights, fp32 norms / modulation / time embedding)

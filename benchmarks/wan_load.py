@@ -1,5 +1,6 @@
 """
-Host memory of wan.load_wan at the full 1.3B size (issue 4: peak host memory should stay near one copy of the weights).
+Host memory of wan.load_wan at the full 1.3B size (the target: peak host memory stays near one copy of the
+weights).
 
 Writes a random Wan2.1-T2V-1.3B checkpoint in the original layout (one fp32 safetensors file, 5.7 GB), then loads
 it in a fresh process per dtype and reports the peak resident memory of that process, split in two:
