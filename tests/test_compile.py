@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 import kernels
 import rf
 import sample
-from test_model import make_model, rand_inputs, rel_err
-from test_scripts import run_train
+from conftest import make_model, rand_inputs, rel_err, run_train
+
+pytestmark = pytest.mark.slow                 # torch.compile (dynamo traces): seconds per test
 
 
 def compiled_copy(model):

@@ -194,7 +194,7 @@ def test_shipped_files_small():
 
 
 # ----------------------------------------------------------------------------
-# Exact motion (issue 14): whole pixels, exact translates, exact bounces
+# Exact motion: whole pixels, exact translates, exact bounces
 # ----------------------------------------------------------------------------
 
 def folded(p0, v, num_frames, low, high):

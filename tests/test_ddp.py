@@ -11,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_scripts import ROOT, TINY, run_train
+from conftest import ROOT, TINY_TRAIN_ARGS, run_train
+
+pytestmark = pytest.mark.slow                 # train.py runs, one of them under torchrun
 
 RUN = ["--batch_size", "4", "--steps", "4", "--warmup_steps", "2", "--ckpt_every", "4", "--no-sample"]
 
@@ -45,7 +47,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # 2 processes x 2 micro-batches of 1 clip: DDP's gradient averaging and its no_sync() both take part
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "train.py", *TINY, "--out", str(tmp_path / "two"), *RUN, "--grad_accum", "2"],
+                           "train.py", *TINY_TRAIN_ARGS, "--out", str(tmp_path / "two"), *RUN, "--grad_accum", "2"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("device cpu; preset toy") == 1                  # one process speaks ...

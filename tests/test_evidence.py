@@ -9,7 +9,7 @@ import pytest
 
 import checkpoints
 import train
-from test_scripts import ROOT
+from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "experiments"))
 import evidence  # noqa: E402
@@ -17,6 +17,7 @@ import evidence  # noqa: E402
 SMOKE = ["--scale", "smoke", "--clips", "64", "--sample_steps", "1"]
 
 
+@pytest.mark.slow
 def test_evidence_pipeline_and_branch_equals_fresh_run(tmp_path, capsys):
     out = tmp_path / "ev"
     evidence.main(SMOKE + ["--out", str(out), "--methods", "tf", "ar_s0.6"])
@@ -58,6 +59,7 @@ def test_evidence_refuses_too_few_clips(tmp_path):
     assert "at least 64" in str(e.value)
 
 
+@pytest.mark.slow
 def test_shipped_checkpoints_sample_side_by_side(tmp_path, capsys):
     """The README's command for the shipped toy models (shortened): both load with today's rf.py and roll out."""
     import sample
@@ -66,10 +68,11 @@ def test_shipped_checkpoints_sample_side_by_side(tmp_path, capsys):
                  "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     assert "degrade none" in printed and "degrade autoregressive" in printed
-    assert "columns: truth | teacher forcing | RF s=0.6" in printed      # columns named by method (issue 14)
+    assert "columns: truth | teacher forcing | RF s=0.6" in printed      # columns named by method
     assert (tmp_path / "samples.gif").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_tune_toy_scores_two_checkpoints_paired(tmp_path, capsys):
     """experiments/tune_toy.py end to end on the shipped pair, few clips and one sampler step: every window is
     scored, the second run is compared with the first, and the numbers land in the JSON."""
@@ -87,6 +90,7 @@ def test_tune_toy_scores_two_checkpoints_paired(tmp_path, capsys):
     assert results[2]["paired"].endswith(str(tf)) and "1x" in results[2]
 
 
+@pytest.mark.slow
 def test_turning_toy_walks_whole_pixels_and_scores_the_shape_anywhere(tmp_path, capsys):
     """experiments/turning_toy.py: every step is one whole pixel per axis (or an exact bounce), turns happen, the
     position-free score is 1 on the truth and on the truth shifted, lower for a blur, 0 with the object gone; and the

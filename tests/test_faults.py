@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 import checkpoints
 import rf
-from test_scripts import ROOT, TINY, exit_message, run_train
+from conftest import ROOT, TINY_TRAIN_ARGS, exit_message, run_train
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     run_train(tmp_path, "--steps", "2", "--ckpt_every", "2", "--no-sample")
     # a child resumes and hangs right after writing the first file of the next checkpoint; we SIGKILL it there
@@ -30,7 +31,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
             time.sleep(600)
         st.save_file = save_then_hang
         import train
-        train.main({TINY!r} + ["--out", {str(tmp_path)!r}, "--steps", "4", "--ckpt_every", "2",
+        train.main({TINY_TRAIN_ARGS!r} + ["--out", {str(tmp_path)!r}, "--steps", "4", "--ckpt_every", "2",
                               "--resume", "--no-sample"])
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -50,11 +51,12 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
     assert not (tmp_path / "step_0000004.tmp").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, sig):
     """Ctrl-C (SIGINT) or SIGTERM mid-run: the step finishes and is saved, the log holds exactly the saved steps,
     the exit says how to go on, and --resume continues the log without repeating or skipping a step."""
-    argv = [sys.executable, "-u", "train.py", *TINY, "--out", str(tmp_path), "--steps", "100000",
+    argv = [sys.executable, "-u", "train.py", *TINY_TRAIN_ARGS, "--out", str(tmp_path), "--steps", "100000",
             "--ckpt_every", "100000", "--no-sample"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -75,6 +77,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path, sig):
     assert logged() == list(range(1, step + 3))
 
 
+@pytest.mark.slow
 def test_keep_last_n(tmp_path):
     run_train(tmp_path, "--steps", "5", "--ckpt_every", "1", "--keep_last", "2", "--no-sample")
     assert [p.name for p in checkpoints.saved_steps(tmp_path)] == ["step_0000004", "step_0000005"]
@@ -118,6 +121,7 @@ def test_missing_and_corrupt_data_are_one_line_errors(tmp_path):
     assert "bad.npz" in exit_message(e) and "\n" not in exit_message(e)
 
 
+@pytest.mark.slow
 def test_nan_skip_mode_skips_only_bad_steps(tmp_path, monkeypatch, capsys):
     real = rf.training_loss
     calls = {"n": 0}
@@ -135,6 +139,7 @@ def test_nan_skip_mode_skips_only_bad_steps(tmp_path, monkeypatch, capsys):
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_clip_folder_reports_and_skips_bad_clips(tmp_path, capsys):
     import imageio.v2 as imageio
     from tiny_data import shapes
@@ -175,6 +180,7 @@ def test_clip_folder_reports_and_skips_bad_clips(tmp_path, capsys):
     assert "no video files" in exit_message(e)
 
 
+@pytest.mark.slow
 def test_latest_follows_every_save(tmp_path):
     """An interrupted run still has `latest`: it moves at every checkpoint, not only at the end."""
     run_train(tmp_path, "--steps", "2", "--ckpt_every", "1", "--keep_last", "1", "--no-sample")
@@ -182,6 +188,7 @@ def test_latest_follows_every_save(tmp_path):
     assert not (tmp_path / "latest.tmp").exists() and checkpoints.load_checkpoint(tmp_path / "latest")[0]["step"] == 2
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys):
     """A corrupt newest checkpoint: --resume says so and goes on from the one before; --resume PATH picks one."""
     run_train(tmp_path, "--steps", "4", "--ckpt_every", "2", "--no-sample")
@@ -195,6 +202,7 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out and (tmp_path / "step_0000008").is_dir()
 
 
+@pytest.mark.slow
 def test_resume_with_steps_at_or_below_the_saved_step_is_one_line(tmp_path):
     run_train(tmp_path, "--steps", "2", "--no-sample")
     for steps in ([], ["--steps", "2"], ["--steps", "1"]):        # a finished run; --steps is the total

@@ -1,13 +1,16 @@
-"""benchmarks/gpu.py --tiny (issue 13, item 2): the GPU check runs every section at toy sizes on the CPU, so the
-script cannot rot while no GPU is at hand. It must exit 0, write both reports, and every section must pass (a check
-may SKIP only with its reason)."""
+"""benchmarks/gpu.py --tiny: the GPU check runs every section at toy sizes on the CPU, so the script cannot rot while
+no GPU is at hand. It must exit 0, write both reports, and every section must pass (a check may SKIP only with its
+reason)."""
 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow                 # the GPU script as a subprocess
 
 
 def test_gpu_check_tiny_runs_every_section(tmp_path):

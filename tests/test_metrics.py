@@ -18,8 +18,8 @@ KEYS = ("centres", "colours", "shapes", "radii")
 
 @pytest.fixture(scope="module")
 def data():
-    """The held-out clips as test.npz makes them, but with one OR two objects per clip: the shipped files hold one
-    (issue 14), and two objects (overlap, occlusion) are the harder case every metric must also get right."""
+    """The held-out clips as test.npz makes them, but with one OR two objects per clip: the shipped files hold one,
+    and two objects (overlap, occlusion) are the harder case every metric must also get right."""
     return make_dataset(seed=1, num_clips=128, num_frames=64, max_objects=2)
 
 

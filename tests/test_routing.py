@@ -1,7 +1,7 @@
-"""Tests of history routing (issue 3): the router, the log-sum-exp merge, the reference / two-branch / flex paths,
+"""Tests of history routing: the router, the log-sum-exp merge, the reference / two-branch / flex paths,
 routing in both forwards and in cached sampling, and the reported sparsity.
 
-Same tiny random model as test_model.py. Every equality test is paired with a wrong variant that must differ, so a
+The tiny random model of conftest.py (make_model), as in test_dit.py. Every equality test is paired with a wrong variant that must differ, so a
 test cannot pass because routing silently did nothing."""
 
 import math
@@ -12,9 +12,8 @@ import torch
 import checkpoints
 import kernels
 import rf
-from test_model import FPC, HW, TINY, differs, make_model, rand_inputs, rel_err
+from conftest import FPC, HW, S, TINY, differs, make_model, rand_inputs, rel_err
 
-S = 16                                # tokens per frame at HW with the toy patch
 T = FPC * S                           # tokens per chunk
 NEG = dict(cfg_scale=3.0, neg_context=torch.zeros(1, 4, TINY["text_dim"]))   # CFG on: both branches route
 
@@ -407,6 +406,7 @@ def test_reported_sparsity_is_one_minus_k_over_history(k):
 # 6. sample.py --routing_plot
 # ----------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sample_routing_plot(tmp_path, capsys):
     import sample
     from tiny_data import shapes

@@ -1,7 +1,6 @@
 """train.py and sample.py end to end, at a tiny size: what a user runs and what a user sees."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,21 +11,11 @@ from safetensors.torch import load_file
 import rf
 import sample
 import train
+from conftest import ROOT, exit_message, run_train
 from tiny_data.caption_encoder import CaptionEncoder
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--dim", "32", "--ffn_dim", "64", "--num_heads", "2", "--num_layers", "1", "--batch_size", "2",
-        "--clip_frames", "4", "--data", str(ROOT / "tiny_data/train.npz"), "--log_every", "1"]
 
-
-def run_train(out, *extra):
-    train.main(TINY + ["--out", str(out), *extra])
-
-
-def exit_message(excinfo):
-    return str(excinfo.value.code)
-
-
+@pytest.mark.slow
 def test_train_then_sample_end_to_end(tmp_path):
     run_train(tmp_path, "--steps", "4", "--warmup_steps", "2", "--ckpt_every", "2")
     ckpts = sorted(p.name for p in tmp_path.glob("step_*"))
@@ -56,6 +45,7 @@ def test_train_then_sample_end_to_end(tmp_path):
     assert (a == b).all() and (a != truth).any()
 
 
+@pytest.mark.slow
 def test_sample_from_caption_and_errors(tmp_path, capsys):
     run_train(tmp_path, "--steps", "1", "--no-sample")
     out = tmp_path / "s"
@@ -85,6 +75,7 @@ def threads(request):
     torch.set_num_threads(1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 def test_resume_is_exact(tmp_path, threads):
     """An interrupted run resumed with --resume ends with the same weights as the uninterrupted run (bitwise), at one
@@ -104,6 +95,7 @@ def test_resume_is_exact(tmp_path, threads):
     assert la == lb
 
 
+@pytest.mark.slow
 def test_resumed_optimizer_state_is_aligned(tmp_path):
     """The optimizer state read back from a checkpoint sits in 64-byte aligned memory, like the state of a run that
     never stopped (safetensors puts tensors at any multiple of 4 bytes; vectorised kernels may then round an
@@ -120,6 +112,7 @@ def test_resumed_optimizer_state_is_aligned(tmp_path):
     assert all(v.data_ptr() % 64 == 0 for st in opt.state.values() for v in st.values() if v.numel() > 1)
 
 
+@pytest.mark.slow
 def test_train_refuses_to_clobber_or_guess(tmp_path):
     with pytest.raises(SystemExit) as e:
         run_train(tmp_path / "empty", "--resume")
@@ -133,6 +126,7 @@ def test_train_refuses_to_clobber_or_guess(tmp_path):
     assert "dim" in exit_message(e)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     run_train(tmp_path, "--steps", "2", "--ckpt_every", "2", "--no-sample")
     before = load_file(str(tmp_path / "step_0000002" / "dit.safetensors"))
@@ -160,6 +154,7 @@ def test_help_lists_model_options(capsys):
         assert option in text
 
 
+@pytest.mark.slow
 def test_resume_can_switch_routing_on_for_a_last_stage(tmp_path):
     """The paper's last stage fine-tunes the dense model with top-k routing: --resume accepts routing options."""
     run_train(tmp_path, "--steps", "2", "--warmup_steps", "1", "--no-sample")
@@ -176,12 +171,14 @@ def test_resume_can_switch_routing_on_for_a_last_stage(tmp_path):
     assert "top_k" in exit_message(e) and "window" in exit_message(e)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_wan_memory_without_allocating(capsys):
     train.main(["--preset", "wan2.1-t2v-1.3b", "--dry_run"])
     text = capsys.readouterr().out
     assert "1,418,996,800 parameters" in text and "total, checkpointing" in text and "KV cache" in text
 
 
+@pytest.mark.slow
 def test_compare_labels_red_bar_and_frames(tmp_path, capsys):
     """--compare names each column by its method (from the checkpoint's meta), the GIF's red bar starts at the
     training length (not at the prefix), and --save_frames writes every rollout as uint8 arrays."""
@@ -222,6 +219,7 @@ def test_method_labels():
         "parallel resampling s=3"
 
 
+@pytest.mark.slow
 def test_only_a_resampling_run_calls_itself_resampling_forcing(tmp_path):
     run_train(tmp_path / "w", "--steps", "2", "--warmup_steps", "2", "--no-sample")       # all warm-up
     assert json.loads((tmp_path / "w" / "latest" / "meta.json").read_text())["stage"] == "teacher_forcing"
@@ -231,6 +229,7 @@ def test_only_a_resampling_run_calls_itself_resampling_forcing(tmp_path):
     assert json.loads((tmp_path / "a" / "latest" / "meta.json").read_text())["stage"] == "noise_augmentation"
 
 
+@pytest.mark.slow
 def test_sample_says_when_it_replaces_samples(tmp_path, capsys):
     argv = ["--ckpt", str(ROOT / "checkpoints" / "toy_tf"), "--num", "1", "--frames", "4", "--steps", "1",
             "--out", str(tmp_path / "s")]

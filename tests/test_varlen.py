@@ -1,4 +1,4 @@
-"""Tests of the varlen backends (issue 13, item 3): the packing of routed attention into variable-length sequences
+"""Tests of the varlen backends: the packing of routed attention into variable-length sequences
 (cumulative sequence lengths, index maps), the log-sum-exp merges and the LSE gradient the kernels leave out.
 
 The kernels themselves need CUDA (benchmarks/gpu.py checks them there). Here a CPU stand-in with the exact signature
@@ -14,7 +14,7 @@ import torch
 
 import kernels
 import rf
-from test_model import differs, make_model, rand_inputs, rel_err
+from conftest import differs, make_model, rand_inputs, rel_err
 
 
 def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,

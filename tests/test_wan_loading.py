@@ -19,26 +19,15 @@ from safetensors.torch import save_file
 
 import rf
 import wan
+from conftest import TINY_WAN, one_line, rel_err
 
-TINY = dict(dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2, text_len=8, text_dim=32, in_dim=4,
-            out_dim=4, frames_per_chunk=3, frame_size=(8, 8))            # preset overrides: a 2-layer Wan
 B, NF, H, W, LT = 2, 3, 8, 8, 5
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def one_line(excinfo):
-    msg = str(excinfo.value)
-    assert "\n" not in msg, msg
-    return msg
 
 
 # --- the rename, by itself --------------------------------------------------------------------------------------
 
 def test_key_rename_examples_and_inverse():
-    pairs = [                                                       # shared/notes/wan.md, section 5
+    pairs = [                                  # diffusers' key names map one to one onto Wan's
         ("blocks.3.attn2.to_out.0.weight", "blocks.3.cross_attn.o.weight"),
         ("blocks.0.attn1.to_q.bias", "blocks.0.self_attn.q.bias"),
         ("blocks.0.attn1.norm_k.weight", "blocks.0.self_attn.norm_k.weight"),
@@ -70,7 +59,7 @@ def test_key_rename_examples_and_inverse():
 def ref():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(**wan.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY)))
+    model = diffusers.WanTransformer3DModel(**wan.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY_WAN)))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():       # every parameter random, none at its init value
@@ -83,17 +72,18 @@ def ref():
 @pytest.fixture(scope="module")
 def inputs_and_target(ref):
     g = torch.Generator().manual_seed(2)
-    x, ctx = torch.randn(B, NF, TINY["in_dim"], H, W, generator=g), torch.randn(B, LT, TINY["text_dim"], generator=g)
+    x = torch.randn(B, NF, TINY_WAN["in_dim"], H, W, generator=g)
+    ctx = torch.randn(B, LT, TINY_WAN["text_dim"], generator=g)
     t = torch.tensor([[0.3] * NF, [0.85] * NF])
     with torch.no_grad():
         v = ref(hidden_states=x.permute(0, 2, 1, 3, 4), timestep=1000 * t[:, 0],
-                encoder_hidden_states=F.pad(ctx, (0, 0, 0, TINY["text_len"] - LT)), return_dict=False)[0]
+                encoder_hidden_states=F.pad(ctx, (0, 0, 0, TINY_WAN["text_len"] - LT)), return_dict=False)[0]
     return (x, t, ctx), v.permute(0, 2, 1, 3, 4)
 
 
 def wan_config_json(**changes):
     """config.json as Wan-AI/Wan2.1-T2V-1.3B writes it (its field names are ours), at the tiny size."""
-    c = rf.preset("wan2.1-t2v-1.3b", **TINY)
+    c = rf.preset("wan2.1-t2v-1.3b", **TINY_WAN)
     raw = {"_class_name": "WanModel", "model_type": "t2v", **{f: getattr(c, f) for f in wan.WAN_CONFIG_FIELDS}}
     return json.dumps({**raw, "patch_size": list(c.patch_size), **changes})
 
@@ -120,7 +110,7 @@ def ckpts(ref, tmp_path_factory):
                                     "diffusers sharded, transformer/"])
 def test_every_layout_gives_diffusers_output(ckpts, inputs_and_target, layout):
     (x, t, ctx), v_ref = inputs_and_target
-    model = wan.load_wan(ckpts[layout], dtype=torch.float32, **TINY)
+    model = wan.load_wan(ckpts[layout], dtype=torch.float32, **TINY_WAN)
     with torch.no_grad():
         err = rel_err(model(x, t, ctx), v_ref)
     print(f"\n{layout}: relative error {err:.2e}")
@@ -128,7 +118,7 @@ def test_every_layout_gives_diffusers_output(ckpts, inputs_and_target, layout):
 
 
 def test_loaded_on_requested_dtype_and_device(ckpts, inputs_and_target):
-    model = wan.load_wan(ckpts["diffusers root"], dtype=torch.bfloat16, device="cpu", **TINY)
+    model = wan.load_wan(ckpts["diffusers root"], dtype=torch.bfloat16, device="cpu", **TINY_WAN)
     for name, p in [*model.named_parameters(), *model.named_buffers()]:
         assert not p.is_meta and p.device.type == "cpu", name
         assert p.dtype == (torch.float32 if wan.keeps_fp32(name) else torch.bfloat16), name
@@ -146,15 +136,15 @@ def test_loaded_on_requested_dtype_and_device(ckpts, inputs_and_target):
 
 def test_wrong_keys_and_shapes_are_named(tmp_path):
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in rf.DiT(rf.preset("wan2.1-t2v-1.3b", **TINY)).state_dict().items()}
+        shapes = {k: v.shape for k, v in rf.DiT(rf.preset("wan2.1-t2v-1.3b", **TINY_WAN)).state_dict().items()}
     state = {k: torch.zeros(s) for k, s in shapes.items()}
     state["blocks.0.self_attn.query.weight"] = state.pop("blocks.0.self_attn.q.weight")      # renamed
     del state["head.head.bias"]                                                              # removed
     state["blocks.1.extra.weight"] = torch.zeros(3)                                          # extra
-    state["blocks.1.ffn.0.weight"] = torch.zeros(100, TINY["dim"])                           # wrong shape
+    state["blocks.1.ffn.0.weight"] = torch.zeros(100, TINY_WAN["dim"])                           # wrong shape
     save_file(state, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError) as e:
-        wan.load_wan(tmp_path / "bad.safetensors", **TINY)
+        wan.load_wan(tmp_path / "bad.safetensors", **TINY_WAN)
     msg = one_line(e)
     assert "missing blocks.0.self_attn.q.weight, head.head.bias" in msg
     assert "unexpected blocks.0.self_attn.query.weight, blocks.1.extra.weight" in msg
@@ -172,16 +162,16 @@ def test_config_that_disagrees_is_named(ckpts, tmp_path):
 
     bad = copy(ckpts["original"], tmp_path / "wan", wan_config_json(num_layers=3))
     with pytest.raises(ValueError) as e:
-        wan.load_wan(bad, **TINY)
+        wan.load_wan(bad, **TINY_WAN)
     assert "num_layers=3" in one_line(e) and "num_layers=2" in one_line(e)
     i2v = copy(ckpts["original"], tmp_path / "i2v", wan_config_json(model_type="i2v"))
     with pytest.raises(ValueError, match="model_type='i2v'"):
-        wan.load_wan(i2v, **TINY)
+        wan.load_wan(i2v, **TINY_WAN)
     dif = ckpts["diffusers root"] / "transformer"
     raw = json.loads((dif / "config.json").read_text())
     bad = copy(dif, tmp_path / "dif", json.dumps({**raw, "num_attention_heads": 4, "attention_head_dim": 16}))
     with pytest.raises(ValueError) as e:
-        wan.load_wan(bad, **TINY)
+        wan.load_wan(bad, **TINY_WAN)
     assert "num_attention_heads=4" in one_line(e) and "attention_head_dim=16" in one_line(e)
     # the preset itself (no overrides) against the tiny config: named before any tensor is read
     with pytest.raises(ValueError, match="num_layers=2 .model: num_layers=30"):
@@ -193,17 +183,17 @@ def test_missing_shard_and_bad_paths(ckpts, tmp_path):
     gone = sorted(sharded.glob("*-of-*.safetensors"))[1]
     gone.unlink()
     with pytest.raises(FileNotFoundError, match=gone.name):
-        wan.load_wan(sharded, **TINY)
+        wan.load_wan(sharded, **TINY_WAN)
     with pytest.raises(FileNotFoundError, match="no DiT weights"):
-        wan.load_wan(tmp_path, **TINY)
+        wan.load_wan(tmp_path, **TINY_WAN)
     with pytest.raises(FileNotFoundError, match="not a hub repo id"):
-        wan.load_wan(tmp_path / "no" / "such" / "folder", **TINY)
+        wan.load_wan(tmp_path / "no" / "such" / "folder", **TINY_WAN)
 
 
 def test_quantised_file_is_refused(tmp_path):
     save_file({"head.head.weight": torch.zeros(2, 2, dtype=torch.float8_e4m3fn)}, str(tmp_path / "fp8.safetensors"))
     with pytest.raises(ValueError) as e:
-        wan.load_wan(tmp_path / "fp8.safetensors", **TINY)
+        wan.load_wan(tmp_path / "fp8.safetensors", **TINY_WAN)
     assert "F8_E4M3" in one_line(e) and "quantised" in one_line(e)       # safetensors' name of the dtype
 
 
@@ -214,7 +204,7 @@ class NotATensor:
 def test_pth_is_never_unpickled(tmp_path):
     torch.save({"head.head.weight": torch.zeros(1), "evil": NotATensor()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError) as e:
-        wan.load_wan(tmp_path / "evil.pth", **TINY)
+        wan.load_wan(tmp_path / "evil.pth", **TINY_WAN)
     assert "weights_only=True" in one_line(e)
 
 
@@ -230,7 +220,7 @@ def test_hub_id_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", no_network)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ConnectionError) as e:
-        wan.load_wan("rf-tests/no-such-wan", **TINY)        # a made-up id: never in anyone's cache
+        wan.load_wan("rf-tests/no-such-wan", **TINY_WAN)        # a made-up id: never in anyone's cache
     msg = one_line(e)
     assert "could not reach the Hugging Face Hub" in msg and "HF_HUB_OFFLINE" in msg
     assert "hf download rf-tests/no-such-wan" in msg and "load_wan('no-such-wan')" in msg
@@ -253,7 +243,7 @@ def test_memory_report_on_the_real_size():
 def test_saved_bytes_formula_matches_autograd():
     """wan.saved_bytes_per_token against the bytes one Block's autograd graph really keeps, per token, under bf16
     autocast (fused attention: no L x L scores). Two lengths, so constant tensors (bf16 weight casts) cancel."""
-    cfg = rf.preset("wan2.1-t2v-1.3b", **{**TINY, "dim": 128, "ffn_dim": 320})
+    cfg = rf.preset("wan2.1-t2v-1.3b", **{**TINY_WAN, "dim": 128, "ffn_dim": 320})
     block = rf.Block(cfg)
 
     def saved_bytes(frames, side=4):

@@ -1,9 +1,9 @@
 """Wan2.1 parity against an independent implementation: diffusers' WanTransformer3DModel.
 
 A tiny diffusers model gets random values in EVERY parameter (modulation tables, norms, proj_out included), its
-state dict is renamed to Wan's key names with wan.diffusers_to_wan_key (shared/notes/wan.md section 5, in reverse)
-and loaded into rf.DiT with load_state_strict. With one chunk covering all frames, rf's forward is bidirectional like
-Wan's, so both must give the same velocity in fp32:
+state dict is renamed to Wan's key names with wan.diffusers_to_wan_key (diffusers' key names map one to one onto
+Wan's) and loaded into rf.DiT with load_state_strict. With one chunk covering all frames, rf's forward is
+bidirectional like Wan's, so both must give the same velocity in fp32:
     rf:        x (B, F, C, H, W), t (B, F) in [0, 1] (x1000 inside), context (B, Lt, text_dim) (zero-padded inside)
     diffusers: hidden_states (B, C, F, H, W), timestep 1000 t, encoder_hidden_states zero-padded to text_len by us
 """
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import checkpoints
 import rf
 import wan
+from conftest import rel_err
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -73,10 +74,6 @@ def run_diffusers(ref, x, timestep, ctx, pad=True):
     out = ref(hidden_states=x.permute(0, 2, 1, 3, 4), timestep=timestep, encoder_hidden_states=ctx,
               return_dict=False)[0]
     return out.permute(0, 2, 1, 3, 4)                # (B, C, F, H, W) -> (B, F, C, H, W)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_key_mapping_covers_every_key(models):

@@ -17,20 +17,15 @@ import rf
 import wan
 import sample
 import train
+from conftest import TINY_WAN_T2V, one_line
 
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-TINY = dict(dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=2, text_len=16, text_dim=32, in_dim=4, out_dim=4,
-            frame_size=(4, 4))                    # latent 4x4 -> 32x32 pixels; chunks of 3 latent frames (preset)
-TINY_ARGS = [a for k, v in TINY.items() for a in (f"--{k}", *map(str, v if isinstance(v, tuple) else [v]))]
+TINY_WAN_T2V_ARGS = [a for k, v in TINY_WAN_T2V.items()                  # the same, as train.py / sample.py flags
+                     for a in (f"--{k}", *map(str, v if isinstance(v, tuple) else [v]))]
 WORDS = "<pad> </s> <unk> a red cat dog walks runs on the beach grass blue".split()
 MEAN, STD = [0.5, -0.25, 0.1, 0.0], [2.0, 0.5, 1.5, 1.0]
-
-
-def one_line(msg):
-    assert "\n" not in str(msg), msg
-    return str(msg)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def wan_root(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     root = tmp_path_factory.mktemp("wan_tiny")
     torch.manual_seed(0)
-    dit = diffusers.WanTransformer3DModel(**wan.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY)))
+    dit = diffusers.WanTransformer3DModel(**wan.diffusers_wan_config(rf.preset("wan2.1-t2v-1.3b", **TINY_WAN_T2V)))
     with torch.no_grad():
         dit.proj_out.weight.normal_(0, 0.1)     # a non-zero head, so the video depends on every part
     dit.save_pretrained(root / "transformer")
@@ -48,11 +43,11 @@ def wan_root(tmp_path_factory):
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                          unk_token="<unk>").save_pretrained(root / "tokenizer")
-    t5 = transformers.UMT5Config(vocab_size=len(WORDS), d_model=TINY["text_dim"], d_kv=8, d_ff=64, num_layers=2,
+    t5 = transformers.UMT5Config(vocab_size=len(WORDS), d_model=TINY_WAN_T2V["text_dim"], d_kv=8, d_ff=64, num_layers=2,
                                  num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     transformers.UMT5EncoderModel(t5).save_pretrained(root / "text_encoder")
-    diffusers.AutoencoderKLWan(base_dim=8, z_dim=TINY["in_dim"], dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+    diffusers.AutoencoderKLWan(base_dim=8, z_dim=TINY_WAN_T2V["in_dim"], dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                                latents_mean=MEAN, latents_std=STD).save_pretrained(root / "vae")
     return root
 
@@ -67,8 +62,8 @@ def read_mp4(path):
 def test_text_features_are_trimmed_and_zero_padded(wan_root):
     tokenizer, encoder = wan.load_wan_text_encoder(wan_root)
     prompts = ["a red cat", "  blue dog &amp; walks   on the beach "]      # Wan tidies spaces and HTML entities
-    context, length = wan.encode_prompts(tokenizer, encoder, prompts, TINY["text_len"])
-    assert context.shape == (2, TINY["text_len"], TINY["text_dim"]) and context.dtype == torch.float32
+    context, length = wan.encode_prompts(tokenizer, encoder, prompts, TINY_WAN_T2V["text_len"])
+    assert context.shape == (2, TINY_WAN_T2V["text_len"], TINY_WAN_T2V["text_dim"]) and context.dtype == torch.float32
     assert length.tolist() == [4, 8]                                      # the words + EOS (& is an unknown word)
     for row, n in zip(context, length):
         assert (row[n:] == 0).all() and (row[:n].abs().sum(-1) > 0).all()
@@ -123,9 +118,10 @@ def test_missing_parts_are_one_line_errors(wan_root, tmp_path, monkeypatch):
 
 # --- sample.py: prompt in, MP4 out ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_prompt_to_mp4(wan_root, tmp_path, capsys):
     base = ["--preset", "wan2.1-t2v-1.3b", "--wan", str(wan_root), "--prompt", "a red cat walks on the beach",
-            "--steps", "2", "--out", str(tmp_path), *TINY_ARGS]
+            "--steps", "2", "--out", str(tmp_path), *TINY_WAN_T2V_ARGS]
     sample.main(base + ["--frames", "21"])                                 # 6 latent frames: 2 chunks of 3
     video = read_mp4(tmp_path / "wan_seed0_0.mp4")
     assert video.shape == (21, 32, 32, 3) and video.std() > 0
@@ -165,12 +161,13 @@ def write_videos(folder):
             (folder / f"{name}.txt").write_text(caption)
 
 
+@pytest.mark.slow
 def test_cache_then_finetune_then_sample(wan_root, tmp_path, capsys):
     data = tmp_path / "videos"
     write_videos(data)
     args = ["--preset", "wan2.1-t2v-1.3b", "--wan", str(wan_root), "--data", str(data), "--clip_frames", "21",
             "--steps", "3", "--warmup_steps", "1", "--batch_size", "2", "--grad_accum", "2", "--log_every", "1",
-            *TINY_ARGS]
+            *TINY_WAN_T2V_ARGS]
     train.main(args + ["--out", str(tmp_path / "run")])
     printed = capsys.readouterr().out
     # c.mp4 holds two windows of 21 frames; 6 latent frames = 2 chunks, so the history is really resampled
@@ -200,9 +197,10 @@ def test_cache_then_finetune_then_sample(wan_root, tmp_path, capsys):
 
 def test_wan_training_needs_a_video_folder(wan_root, tmp_path):
     with pytest.raises(SystemExit) as e:
-        train.main(["--preset", "wan2.1-t2v-1.3b", "--wan", str(wan_root), "--out", str(tmp_path / "r"), *TINY_ARGS])
+        train.main(["--preset", "wan2.1-t2v-1.3b", "--wan", str(wan_root), "--out", str(tmp_path / "r"),
+                    *TINY_WAN_T2V_ARGS])
     assert "--data" in one_line(e.value.code)
     with pytest.raises(SystemExit) as e:
         train.main(["--preset", "wan2.1-t2v-1.3b", "--data", str(tmp_path), "--clip_frames", "8",
-                    "--out", str(tmp_path / "r"), *TINY_ARGS])
+                    "--out", str(tmp_path / "r"), *TINY_WAN_T2V_ARGS])
     assert "--clip_frames 8 frames" in one_line(e.value.code) and "use 9" in e.value.code
