@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/drift}
 WARMUP=${WARMUP:-3000}
 STEPS=${STEPS:-9000}
-COMMON=(--train_shift 3 --warmup_steps "$WARMUP" --batch_size 8 --clip_frames 8 --seed 0 --ckpt_every "${CKPT_EVERY:-500}"
+COMMON=(--train_shift 3 --warmup_steps "$WARMUP" --batch_size 8 --clip_frames "${CLIP:-8}" --seed 0 --ckpt_every "${CKPT_EVERY:-500}"
         --keep_last "${KEEP:-2}" --no-sample)
 [ -n "${DATA:-}" ] && COMMON+=(--data "$DATA")   # another .npz (experiments/turning_toy.py data writes one)
 [ -n "${MODEL:-}" ] && COMMON+=($MODEL)           # model size, e.g. the small pair's "--dim 64 --ffn_dim 256 ..."

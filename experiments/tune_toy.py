@@ -1,10 +1,13 @@
 """
-experiments/tune_toy.py -- how good is a toy checkpoint at continuing a clip? (issue 14)
+experiments/tune_toy.py -- how good is a toy checkpoint at continuing a clip?
 
     python experiments/tune_toy.py runs/toy                       # one run (its `latest`), 64 held-out clips
     python experiments/tune_toy.py runs/tf runs/rf --clips 64 --png runs/tf_vs_rf.png   # a paired comparison
     python experiments/tune_toy.py runs/toy --steps 32 --shift 3 --cfg 1 --no-ema        # sampler settings
     python experiments/tune_toy.py runs/tf runs/rf --window 3     # each chunk sees only the 3 history chunks before it
+    python experiments/tune_toy.py checkpoints/small_tf checkpoints/small_rf --true_at 3 4:1 4:2 4:3 4
+                                    # one chunk after a TRUE history: chunk 3 (all history), chunk 4 with windows
+    python experiments/tune_toy.py runs/long/tf runs/long/rf --frames 32 --score 24:32   # frames 24-31 of 32
 
 Every number is tiny_data.metrics.shape_fidelity (per object, the IoU of the generated pixels of its colour with its
 true pixels; 1 is perfect, a one-pixel shift scores about 0.62) on the held-out clips of tiny_data/test.npz, as the
@@ -18,7 +21,10 @@ mean over clips with a 95% interval (1.96 standard errors over clips):
   2x, 4x       frames L .. 2L-1 and 3L .. 4L-1 (as experiments/evidence.py scores them).
   true@L,      one chunk generated after L (or 2L - fpc) TRUE frames: what the model makes past the training length
   true@2L      when its history is perfect. Where these fall as far as 2x does, the fall past the training length
-               is the model meeting positions and history lengths it never trained on, not its own errors piling up.
+               is the model meeting a history it never trained on, not its own errors piling up.
+  c4/w3        with --true_at 4:3: chunk 4 (0-based) generated after the TRUE frames before it, reading a window of
+               3 history chunks ("c4" alone: all of them). One chunk, so no error of the model's own is in it.
+  a:b          with --score a:b: the rollout's frames a .. b-1.
 
 --window W samples with a sliding window of W history chunks. With W = L / fpc - 1 (3 for the toy) every chunk sees
 the history a training clip's last chunk saw, at the same relative RoPE offsets, so what is left of the fall past L
@@ -59,6 +65,12 @@ def parse_args(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--window", type=int, default=None,
                    help="sample with a sliding window of this many history chunks (default: the checkpoint's)")
+    p.add_argument("--true_at", nargs="*", default=[], metavar="CHUNK[:WINDOW]",
+                   help="also score one chunk generated after a true history: chunk CHUNK (0-based), reading "
+                        "WINDOW history chunks (default all)")
+    p.add_argument("--score", nargs="*", default=[], metavar="A:B",
+                   help="also score the rollout's frames A .. B-1 (e.g. 24:32)")
+    p.add_argument("--seed", type=int, default=1000, help="noise seed of the first batch of clips (batch i: seed + i)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--png", default="", help="write a contact sheet of the first --png_clips clips here")
     p.add_argument("--png_clips", type=int, default=8)
@@ -85,39 +97,70 @@ def mean_ci(per_clip):
     return float(per_clip.mean()), float(1.96 * per_clip.std(ddof=1) / np.sqrt(len(per_clip)))
 
 
+def load(run, args, window):
+    overrides = {} if window is None else {"window": window}
+    return checkpoints.load_models(str(checkpoint(run)), args.ema, torch.device("cpu"), overrides)
+
+
+def parse_true_at(spec):
+    """"4:3" -> (4, 3); "4" -> (4, None): chunk 4 after a true history, a window of 3 chunks or all of them."""
+    chunk, _, window = spec.partition(":")
+    return int(chunk), int(window) if window else None
+
+
+def true_history_chunks(run, test, args, fpc):
+    """--true_at: per spec, each clip's chunk `chunk` generated after the TRUE frames before it -> per-clip means."""
+    out = {}
+    for spec in args.true_at:
+        chunk, window = parse_true_at(spec)
+        dit, text_encoder, _ = load(run, args, window)
+        P, made = chunk * fpc, []
+        for i in range(0, args.clips, args.batch):
+            j = min(i + args.batch, args.clips)
+            truth = media.from_uint8(test["frames"][i:j, :P])
+            context, neg = text_encoder.contexts(test["captions"][i:j])
+            video = rf.generate(dit, context, P + fpc, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+                                neg_context=neg, prefix=truth, seed=args.seed + i)
+            made.append(media.to_uint8(video[:, P:]))
+        out[f"c{chunk}" + (f"/w{window}" if window else "")] = fidelity(np.concatenate(made), test, P).mean(1)
+    return out
+
+
 def evaluate_run(run, test, args):
-    overrides = {} if args.window is None else {"window": args.window}
-    dit, text_encoder, meta = checkpoints.load_models(str(checkpoint(run)), args.ema, torch.device("cpu"), overrides)
+    dit, text_encoder, meta = load(run, args, args.window)
     cfg, fpc = dit.cfg, dit.cfg.frames_per_chunk
     L = meta["train"]["clip_frames"]
     frames = args.frames or 4 * L
-    one_step, rollouts, true_at = [], [], {L: [], 2 * L - fpc: []}
+    one_step, rollouts = [], []
+    true_at = {P: [] for P in (L, 2 * L - fpc) if P + fpc <= test["frames"].shape[1]}
     t0 = time.time()
     for i in range(0, args.clips, args.batch):
         j = min(i + args.batch, args.clips)
         truth = media.from_uint8(test["frames"][i:j])                                 # (n, F, 3, H, W)
-        with torch.no_grad():
-            context, neg = text_encoder.contexts(test["captions"][i:j])
-            # One Euler step from t = 1 to 0 is x0 = eps - v: the model's one-step prediction of the next chunk.
-            x0 = rf.generate(dit, context, 2 * fpc, steps=1, cfg_scale=1.0, prefix=truth[:, :fpc], seed=1000 + i)
-            video = rf.generate(dit, context, frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
-                                neg_context=neg, prefix=truth[:, :fpc], seed=1000 + i)
-            for P in true_at:                  # one chunk after P true frames (the test clips are long enough)
-                true_at[P].append(media.to_uint8(rf.generate(dit, context, P + fpc, steps=args.steps,
-                                                             shift=args.shift, cfg_scale=args.cfg, neg_context=neg,
-                                                             prefix=truth[:, :P], seed=1000 + i)[:, P:]))
+        seed = args.seed + i
+        context, neg = text_encoder.contexts(test["captions"][i:j])
+        # One Euler step from t = 1 to 0 is x0 = eps - v: the model's one-step prediction of the next chunk.
+        x0 = rf.generate(dit, context, 2 * fpc, steps=1, cfg_scale=1.0, prefix=truth[:, :fpc], seed=seed)
+        video = rf.generate(dit, context, frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+                            neg_context=neg, prefix=truth[:, :fpc], seed=seed)
+        for P in true_at:                      # one chunk after P true frames (the test clips are long enough)
+            true_at[P].append(media.to_uint8(rf.generate(dit, context, P + fpc, steps=args.steps,
+                                                         shift=args.shift, cfg_scale=args.cfg, neg_context=neg,
+                                                         prefix=truth[:, :P], seed=seed)[:, P:]))
         one_step.append(media.to_uint8(x0[:, fpc:]))
         rollouts.append(media.to_uint8(video))
     seconds = time.time() - t0
     one_step, rollouts = np.concatenate(one_step), np.concatenate(rollouts)
     per_frame = fidelity(rollouts[:, fpc:], test, fpc)                    # generated frames only: (N, frames - fpc)
     windows = {"chunk 1": (fpc, 2 * fpc), "1x": (fpc, L), "2x": (L, 2 * L), "4x": (3 * L, 4 * L)}
+    windows |= {spec: tuple(int(x) for x in spec.split(":")) for spec in args.score}
     per_clip = {"one-step": fidelity(one_step, test, fpc).mean(1)}
     for name, (a, b) in windows.items():
-        if b <= frames:
-            per_clip[name] = per_frame[:, a - fpc:b - fpc].mean(1)
+        if max(a, fpc) < b <= frames:
+            per_clip[name] = per_frame[:, max(a, fpc) - fpc:b - fpc].mean(1)
     for P, name in zip(true_at, ("true@L", "true@2L")):
         per_clip[name] = fidelity(np.concatenate(true_at[P]), test, P).mean(1)
+    per_clip |= true_history_chunks(run, test, args, fpc)
     info = dict(run=str(run), step=meta["step"], stage=meta["stage"], clip_frames=L,
                 sampler=dict(steps=args.steps or cfg.sample_steps, shift=args.shift or cfg.sample_shift,
                              cfg=cfg.sample_cfg if args.cfg is None else args.cfg, ema=args.ema, window=cfg.window),
