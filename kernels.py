@@ -43,7 +43,7 @@ def routed_backend(attn_backend):
     """The backend a routed model's attention runs on: `auto` means two_branch on every device.
 
     NOTE(choice): flex works on 128x128 blocks, and per-token routing leaves few blocks that no query chose
-    (see flex_routed_mask), so it is not the default (docs/method.md, "Routing")."""
+    (see flex_routed_mask), so it is not the default (docs/method.md, "The default routed backend")."""
     return "two_branch" if attn_backend == "auto" else attn_backend
 
 

@@ -150,7 +150,7 @@ def logit_normal(shape, generator=None):
 
 def sample_train_t(cfg: Config, batch, num_chunks, generator=None):
     """Algorithm 1, line 6: one training t per chunk, independent across chunks. Returns (B, N)."""
-    # NOTE(choice): the paper does not say how t^i is drawn (docs/method.md, "The training t").
+    # NOTE(choice): the paper does not say how t^i is drawn; uniform (docs/method.md, "The training t^i").
     if cfg.train_t == "logit_normal":
         u = logit_normal((batch, num_chunks), generator)
     else:
@@ -761,7 +761,7 @@ def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=N
 
 def resample_grid(t_s, steps, device):
     """Self-resampling's Euler grid, from each video's t_s (B,) down to 0 -> (steps + 1, B)."""
-    # NOTE(choice): uniform from t_s to 0 (docs/method.md, "Resampling steps").
+    # NOTE(choice): with more steps, uniform from t_s to 0 (docs/method.md, "More than one resampling step").
     return t_s.to(device)[None] * torch.linspace(1, 0, steps + 1, device=device)[:, None]
 
 
@@ -800,7 +800,7 @@ def routed_attention(q, k, v, phi, routing: Routing):
     phi:  (B, J, nh, hd) the history chunks' mean keys, or None to take them from k
     Returns (B, Lq, nh, hd).
     """
-    # NOTE(choice): every layer and head routes, history queries too (docs/method.md, "Routing").
+    # NOTE(choice): every layer and head routes, history queries too (docs/method.md, "Every layer routes").
     T = routing.chunk_tokens
     if phi is None:
         phi = chunk_means(k[:, :routing.num_history * T], T)
@@ -817,7 +817,7 @@ def routed_attention(q, k, v, phi, routing: Routing):
 
 def chunk_means(k, chunk_tokens):
     """phi of Eq. 8, the mean key of each chunk. k: (B, J T, nh, hd) -> (B, J, nh, hd) in fp32."""
-    # NOTE(choice): phi pools the keys after RMSNorm and RoPE (docs/method.md, "Routing").
+    # NOTE(choice): phi pools the keys after q/k-norm and RoPE (docs/method.md, "φ pools the keys").
     return k.unflatten(1, (-1, chunk_tokens)).float().mean(2)
 
 

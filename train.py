@@ -126,8 +126,8 @@ class BatchSlice:
     micro-batch, or one process's share under torchrun). It goes where rf's functions take a generator: every
     random draw (t, t_s, noise) is then made for the whole batch and only these rows are kept, so a split batch
     gets exactly the numbers of the unsplit one."""
-    # NOTE(choice): slice the whole batch's draws rather than seed a generator per video (docs/method.md,
-    # "Exact micro-batches").
+    # NOTE(choice): slice the whole batch's draws, not a generator per video (docs/method.md,
+    # "A split batch draws what the whole batch would").
     generator: torch.Generator
     batch: int
     rows: slice
