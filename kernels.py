@@ -215,11 +215,13 @@ def history_branch(q, k, v, selected):
 def merge_lse_many(o, lse, index, n):
     """rf.merge_lse over many branches at once: row p of o (P, hd), lse (P,) is one branch of output index[p].
     -> o (n, hd), lse (n,); an output with no branch gets o = 0, lse = -inf (so it weighs 0 in a merge)."""
+    # [part: routing]
     top = lse.new_full((n,), -torch.inf).scatter_reduce(0, index, lse.detach(), "amax")  # (n,) max per output
     w = torch.exp(lse - top[index])                                                   # (P,) in (0, 1]
     total = w.new_zeros(n).index_add(0, index, w).clamp(min=1e-30)                    # (n,) clamp: no 0/0
     out = o.new_zeros(n, o.shape[-1], dtype=w.dtype).index_add(0, index, w[:, None] * o.float())
     return out / total[:, None], top + total.log()
+    # [end: routing]
 
 
 def tile_pairs(group, num_groups, tile):

@@ -170,10 +170,12 @@ def euler(velocity, x, grid):
     x:        (B, F, C, H, W) at time grid[0]
     grid:     (steps + 1, B), one grid per video
     """
+    # [part: sampler]
     for s, s_next in zip(grid[:-1], grid[1:]):
         t = s[:, None].expand(x.shape[:2])                                          # (B, F)
         x = x + (s_next - s).view(-1, 1, 1, 1, 1) * velocity(x, t)
     return x
+    # [end: sampler]
 
 
 # -- 3. Who sees whom: one rule for every layout ---------------------------------------------------
@@ -192,13 +194,17 @@ def may_attend(q_chunk, q_stream, k_chunk, k_stream):
     Two-stream: H_j sees H_<=j; Z_i sees Z_i and H_<i, never H_i (its answer) nor another Z.
     Elementwise on tensors of ids, so it builds a dense mask and a flex mask_mod alike.
     """
+    # [part: mask]
     own_chunk = (q_chunk == k_chunk) & (q_stream == k_stream)
     return own_chunk | earlier_history(q_chunk, k_chunk, k_stream)
+    # [end: mask]
 
 
 def earlier_history(q_chunk, k_chunk, k_stream):
     """The rule's second term: earlier chunks of the history stream (section 7 narrows it)."""
+    # [part: mask]
     return (k_stream == HISTORY) & (k_chunk < q_chunk)
+    # [end: mask]
 
 
 def block_causal_layout(num_frames, fpc, device):
@@ -298,12 +304,16 @@ def modulate(x, shift, scale):
     x:            (B, L, D)
     shift, scale: (B, Fp, 1, D)
     """
+    # [part: frame_t]
     return (x.unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2)
+    # [end: frame_t]
 
 
 def gate(y, g):
     """y * g per frame [RF]. y: (B, L, D); g: (B, Fp, 1, D)."""
+    # [part: frame_t]
     return (y.unflatten(1, (g.shape[1], -1)) * g).flatten(1, 2)
+    # [end: frame_t]
 
 
 class SelfAttention(nn.Module):
@@ -440,6 +450,7 @@ class DiT(nn.Module):
                              f"got {tuple(history.shape)}")
         B, num_frames = x.shape[:2]
         dev, fpc = x.device, self.cfg.frames_per_chunk
+        # [part: two_stream]
         n_hist = num_frames - fpc     # [RF] the last history chunk is seen by itself only: dropped
         frames = torch.cat([history[:, :n_hist].to(x.dtype), x], dim=1)       # (B, n_hist + F, ...)
         t_all = torch.cat([t.new_zeros(B, n_hist), t], dim=1)                # [RF] history at t = 0
@@ -447,6 +458,7 @@ class DiT(nn.Module):
         chunk = pos // fpc                                                # [RF] H_j, Z_j share RoPE
         stream = torch.cat([torch.full_like(chunk[:n_hist], HISTORY),
                             torch.full_like(chunk[n_hist:], NOISY)])
+        # [end: two_stream]
         return self._forward(frames, t_all, pos, self.encode_text(context),
                              *self._attention_rule(chunk, stream, x), n_out=num_frames)
 
@@ -571,9 +583,11 @@ class LayerKV:
         if self.k is None:
             self.k = k.new_zeros(k.shape[0], self.max_tokens, *k.shape[2:])
             self.v = torch.zeros_like(self.k)
+        # [part: sampler]
         end = self.length + k.shape[1]
         self.k[:, self.length:end], self.v[:, self.length:end] = k, v
         return self.k[:, :end], self.v[:, :end]
+        # [end: sampler]
 
     def commit(self, tokens):
         """Keep the chunk written last (its `tokens` K/V) and store its mean key."""
@@ -676,11 +690,13 @@ class Velocity:
 
     def finish(self, chunk, last=False):
         """A finished chunk joins the video; the cache re-encodes it once at t = 0 (not the last)."""
+        # [part: sampler]
         self.video.append(chunk)
         if self.cache is not None and not last:
             zeros = chunk.new_zeros(chunk.shape[:2])
             self.model.forward_chunk(self.pair(chunk), self.pair(zeros), self.text_kv, self.cache,
                                      commit=True)
+        # [end: sampler]
 
 
 # -- 6. Resampling Forcing (Algorithm 1) -----------------------------------------------------------
@@ -696,6 +712,7 @@ def training_loss(model: DiT, clip, context, mode=None, generator=None):
     """
     cfg, fpc = model.cfg, model.cfg.frames_per_chunk
     B, N = clip.shape[0], clip.shape[1] // fpc
+    # [part: loss]
     history = degrade_history(model, clip, context, mode or cfg.degrade, generator)  # lines 2-5
     t = sample_train_t(cfg, B, N, generator).to(clip.device)                        # line 6: (B, N)
     t_frames = t.repeat_interleave(fpc, dim=1)                                        # (B, F)
@@ -704,6 +721,7 @@ def training_loss(model: DiT, clip, context, mode=None, generator=None):
     err = (v.float() - (eps - clip).float()).pow(2).mean(dim=(2, 3, 4))         # (B, F); target: GT
     chunk_loss = err.unflatten(1, (N, fpc)).mean(2)                                   # (B, N)
     return chunk_loss.mean(), chunk_loss.detach(), t
+    # [end: loss]
 
 
 @torch.no_grad()
@@ -724,7 +742,9 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
         tau = tau * cfg.noise_aug_max
         return add_noise(clip, randn_like(clip, generator), tau)
     # Algorithm 1, lines 2-3: one simulation timestep per video, logit-normal, shifted by s
+    # [part: resample]
     t_s = shift_t(logit_normal((B,), generator), cfg.resample_shift)                 # (B,)
+    # [end: resample]
     if mode == "autoregressive":
         return resample_autoregressive(model, clip, context, t_s, cfg.resample_steps, generator)
     if mode == "parallel":
@@ -745,6 +765,7 @@ def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=N
     """
     B, num_frames = clip.shape[:2]
     fpc = model.cfg.frames_per_chunk
+    # [part: resample]
     text_kv = model.encode_text(context)
     cache = KVCache(model, num_frames - fpc, clip.shape[-2:])
     grid = resample_grid(t_s, steps, clip.device)                                   # (steps + 1, B)
@@ -757,6 +778,7 @@ def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=N
         model.forward_chunk(x, torch.zeros_like(ts), text_kv, cache, commit=True)    # x~^i at t = 0
         out[:, i * fpc:(i + 1) * fpc] = x
     return out
+    # [end: resample]
 
 
 def resample_grid(t_s, steps, device):
@@ -856,10 +878,12 @@ def top_k_chunks(q, phi, eligible, k):
     Returns selected: (B, nh, Lq, J) bool.
     """
     # fp32 (in bf16, rounding would rank near-equal chunks); no 1/sqrt(hd): it changes no rank
+    # [part: routing]
     score = torch.einsum("bqhd,bjhd->bhqj", q.float(), phi.float())                 # (B, nh, Lq, J)
     score = score.masked_fill(~eligible, -torch.inf)
     best = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]   # ties: earlier chunk
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, best, True) & eligible
+    # [end: routing]
 
 
 def window_chunks(eligible, w):
@@ -931,8 +955,10 @@ def merge_lse(o_a, l_a, o_b, l_b):
     e^l_a / (e^l_a + e^l_b). Subtracting the larger l keeps every exponential <= 1; a branch with
     no keys (l = -inf) weighs 0.
     """
+    # [part: routing]
     top = torch.maximum(l_a, l_b).detach()    # for stability only: the result does not depend on it
     w_a, w_b = torch.exp(l_a - top), torch.exp(l_b - top)                         # one of them is 1
     total = w_a + w_b
     o = (w_a[..., None] * o_a.float() + w_b[..., None] * o_b.float()) / total[..., None]
     return o, top + total.log()
+    # [end: routing]
