@@ -32,6 +32,41 @@ SLAB_SCORES = 2**26  # most attention scores a two-branch call holds at once (25
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Which kernel runs an attention call
+# ----------------------------------------------------------------------------------------------------------------
+# DiT.attn_backend: auto (flex on CUDA, SDPA elsewhere; two_branch for routed models) | sdpa | flex, and for
+# routed models two_branch | varlen | flash (the paper's varlen kernels, CUDA only).
+ATTN_BACKENDS = ("auto", "sdpa", "flex", "two_branch", "varlen", "flash")
+
+
+def routed_backend(attn_backend):
+    """The backend a routed model's attention runs on: `auto` means two_branch on every device.
+
+    NOTE(choice): flex works on 128x128 blocks, and per-token routing leaves few blocks that no query chose
+    (see flex_routed_mask), so it is not the default (docs/method.md, "The default routed backend")."""
+    return "two_branch" if attn_backend == "auto" else attn_backend
+
+
+def routed_attention(backend, q, k, v, selected, chunk, stream, chunk_tokens, rule, merge):
+    """rf.routed_attention through a tuned backend: the same numbers as rf's reference.
+
+    q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd); selected: (B, nh, Lq, J); chunk, stream: (Lk,) key ids;
+    rule: rf.may_attend_routed (flex's mask_mod); merge: rf.two_branch_merge. Returns (B, Lq, nh, hd)."""
+    if backend == "flex":
+        mask = flex_routed_mask(rule, selected, chunk, stream)
+        return flex_attention(*(x.transpose(1, 2) for x in (q, k, v)), mask).transpose(1, 2)
+    if backend == "two_branch":
+        branches = two_branches
+    elif backend in KERNELS:
+        branches = varlen_backend(backend)
+    else:
+        raise ValueError(f"attn_backend={backend!r} for a routed model: choose one of "
+                         f"sdpa, two_branch, flex, varlen, flash")
+    (o_own, l_own), (o_hist, l_hist) = branches(q, k, v, selected, chunk_tokens)
+    return merge(o_own, l_own, o_hist, l_hist, v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # flex_attention on CUDA
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -115,7 +150,7 @@ def flex_attention(q, k, v, mask):
 # Letters as in rf.py; Nh history chunks of T tokens each; P selected (query, chunk) pairs.
 
 def two_branches(q, k, v, selected, chunk_tokens):
-    """rf.two_branch_attention's two branches, (o, lse) each with o (B, nh, Lq, hd) fp32 and lse (B, nh, Lq).
+    """The two branches of rf.two_branch_attention, (o, lse) each with o (B, nh, Lq, hd) fp32 and lse (B, nh, Lq).
 
     q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
     T, (B, Lq, nh, _), Nh = chunk_tokens, q.shape, selected.shape[-1]
@@ -180,11 +215,13 @@ def history_branch(q, k, v, selected):
 def merge_lse_many(o, lse, index, n):
     """rf.merge_lse over many branches at once: row p of o (P, hd), lse (P,) is one branch of output index[p].
     -> o (n, hd), lse (n,); an output with no branch gets o = 0, lse = -inf (so it weighs 0 in a merge)."""
+    # [part: routing]
     top = lse.new_full((n,), -torch.inf).scatter_reduce(0, index, lse.detach(), "amax")  # (n,) max per output
     w = torch.exp(lse - top[index])                                                   # (P,) in (0, 1]
     total = w.new_zeros(n).index_add(0, index, w).clamp(min=1e-30)                    # (n,) clamp: no 0/0
     out = o.new_zeros(n, o.shape[-1], dtype=w.dtype).index_add(0, index, w[:, None] * o.float())
     return out / total[:, None], top + total.log()
+    # [end: routing]
 
 
 def tile_pairs(group, num_groups, tile):
@@ -294,7 +331,7 @@ def cuda_only(name, q):
 
 
 def varlen_backend(name):
-    """rf.two_branch_attention's `branches` for attn_backend `name` (varlen | flash), or a clear error."""
+    """The two branches of routed attention through kernel `name` (varlen | flash), or a clear error."""
     kernel = KERNELS[name]()
 
     def branches(q, k, v, selected, chunk_tokens):

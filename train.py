@@ -129,6 +129,23 @@ def parse_args(argv=None):
 # one step: the method on one screen
 # ----------------------------------------------------------------------------------------------------------------
 
+@dataclass
+class BatchSlice:
+    """Rows `rows` of a batch of `batch` videos, computed apart from the others (a gradient-accumulation
+    micro-batch, or one process's share under torchrun). It goes where rf's functions take a generator: every
+    random draw (t, t_s, noise) is then made for the whole batch and only these rows are kept, so a split batch
+    gets exactly the numbers of the unsplit one."""
+    # NOTE(choice): slice the whole batch's draws, not a generator per video (docs/method.md,
+    # "A split batch draws what the whole batch would").
+    generator: torch.Generator
+    batch: int
+    rows: slice
+
+    def draw(self, fn, shape):
+        """fn(shape) for fn = torch.rand or torch.randn, shape[0] the slice's rows."""
+        return fn((self.batch, *shape[1:]), generator=self.generator)[self.rows]
+
+
 def history_mode(run, step):
     """The history degradation of step `step` (0-based): the ground truth through the warm-up, then --degrade."""
     return "none" if step < run.train.warmup_steps else run.cfg.degrade
@@ -158,7 +175,7 @@ def train_step(run, step):
                 context = c if encoder is None else encoder(c)
                 # [RF] lines 2-7 of Algorithm 1: degrade the history, draw t per chunk, one forward, one loss
                 loss, chunk_loss, chunk_t = rf.training_loss(run.wrapped["dit"], x, context, mode=mode,
-                                                             generator=rf.BatchSlice(run.gen, train.batch_size, rows))
+                                                             generator=BatchSlice(run.gen, train.batch_size, rows))
             # backward even on a non-finite loss: under torchrun every process must join the gradient averaging
             (loss / train.grad_accum).backward()
         losses.append(loss.detach())
