@@ -47,23 +47,21 @@ def routed_backend(attn_backend):
     return "two_branch" if attn_backend == "auto" else attn_backend
 
 
-def routed_attention(backend, q, k, v, selected, chunk, stream, chunk_tokens, rule, merge):
+def routed_attention(backend, q, k, v, selected, chunk, stream, chunk_tokens, rule, two_branch):
     """rf.routed_attention through a tuned backend: the same numbers as rf's reference.
 
     q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd); selected: (B, nh, Lq, J); chunk, stream: (Lk,) key ids;
-    rule: rf.may_attend_routed (flex's mask_mod); merge: rf.two_branch_merge. Returns (B, Lq, nh, hd)."""
+    rule: rf.may_attend_routed (flex's mask_mod); two_branch: rf.two_branch_attention, which merges the two
+    branches computed here. Returns (B, Lq, nh, hd)."""
     if backend == "flex":
         mask = flex_routed_mask(rule, selected, chunk, stream)
         return flex_attention(*(x.transpose(1, 2) for x in (q, k, v)), mask).transpose(1, 2)
     if backend == "two_branch":
-        branches = two_branches
-    elif backend in KERNELS:
-        branches = varlen_backend(backend)
-    else:
-        raise ValueError(f"attn_backend={backend!r} for a routed model: choose one of "
-                         f"sdpa, two_branch, flex, varlen, flash")
-    (o_own, l_own), (o_hist, l_hist) = branches(q, k, v, selected, chunk_tokens)
-    return merge(o_own, l_own, o_hist, l_hist, v.dtype)
+        return two_branch(q, k, v, selected, chunk_tokens, two_branches)
+    if backend in KERNELS:
+        return two_branch(q, k, v, selected, chunk_tokens, varlen_backend(backend))
+    raise ValueError(f"attn_backend={backend!r} for a routed model: choose one of sdpa, two_branch, flex, "
+                     f"varlen, flash")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -150,7 +148,7 @@ def flex_attention(q, k, v, mask):
 # Letters as in rf.py; Nh history chunks of T tokens each; P selected (query, chunk) pairs.
 
 def two_branches(q, k, v, selected, chunk_tokens):
-    """The two branches of rf.two_branch_attention, (o, lse) each with o (B, nh, Lq, hd) fp32 and lse (B, nh, Lq).
+    """rf.two_branch_attention's two branches, (o, lse) each with o (B, nh, Lq, hd) fp32 and lse (B, nh, Lq).
 
     q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
     T, (B, Lq, nh, _), Nh = chunk_tokens, q.shape, selected.shape[-1]

@@ -7,7 +7,10 @@ import textwrap
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+import rf
 
 RED = (220, 40, 40)          # marks frames past the training clip length (GIF, contact sheet)
 
@@ -110,6 +113,48 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def mask_ascii(num_chunks: int, two_stream: bool = True) -> str:
+    """rf's mask rule at chunk level, as printed in the docs. `#` = attends, `.` = masked."""
+    chunk = torch.arange(num_chunks)
+    if two_stream:
+        chunk = torch.cat([chunk, chunk])
+        stream = torch.tensor([rf.HISTORY] * num_chunks + [rf.NOISY] * num_chunks)
+    else:
+        stream = torch.zeros(num_chunks, dtype=torch.long)
+    names = [("H" if s == rf.HISTORY and two_stream else "Z" if two_stream else "C") + str(c + 1)
+             for c, s in zip(chunk.tolist(), stream.tolist())]
+    grid = rf.dense_mask(chunk, stream)
+    rows = ["q\\k " + " ".join(f"{n:>3}" for n in names)]
+    rows += [f"{n:>3} " + " ".join(f"{'#' if a else '.':>3}" for a in row) for n, row in zip(names, grid.tolist())]
+    return "\n".join(rows)
+
+
+class RoutingLog:
+    """Counts routing decisions while attached to a model (model.routing_log = RoutingLog()): per history chunk,
+    how often it was eligible and how often selected, summed over every routed call, layer, head and query token."""
+
+    def __init__(self):
+        self.eligible = torch.zeros(0, dtype=torch.long)
+        self.selected = torch.zeros(0, dtype=torch.long)
+
+    def add(self, selected, eligible):
+        """selected (B, nh, Lq, J) and eligible (Lq, J) of one routed attention call."""
+        B, nh = selected.shape[:2]
+        new = selected.sum((0, 1, 2)).cpu(), eligible.sum(0).cpu() * B * nh          # (J,) each
+        n = max(len(self.selected), len(new[0]))
+        self.selected, self.eligible = (F.pad(old, (0, n - len(old))) + F.pad(x, (0, n - len(x)))
+                                        for old, x in zip((self.selected, self.eligible), new))
+
+    def frequency(self):
+        """(J,) how often each history chunk was selected when it could have been (the paper's Fig. 8)."""
+        return self.selected / self.eligible.clamp(min=1)
+
+    def sparsity(self) -> float:
+        """The fraction of eligible (query, history chunk) pairs not attended: 1 - k / J for top-k over J."""
+        eligible = self.eligible.sum().item()
+        return 1.0 - self.selected.sum().item() / eligible if eligible else 0.0
 
 
 def save_routing_plot(log, path, cfg):

@@ -834,7 +834,7 @@ def routed_attention(q, k, v, phi, routing: Routing):
     if routing.backend == "sdpa":
         return attention(q, k, v, routed_mask(selected, routing.chunk, routing.stream))
     return kernels.routed_attention(routing.backend, q, k, v, selected, routing.chunk,
-                                    routing.stream, T, may_attend_routed, two_branch_merge)
+                                    routing.stream, T, may_attend_routed, two_branch_attention)
 
 
 def chunk_means(k, chunk_tokens):
@@ -911,27 +911,28 @@ def routed_mask(selected, chunk, stream):
 # chunk, and against its chosen history chunks. Each branch returns its log-sum-exp (LSE) too;
 # the LSEs weigh the two outputs so that together they are one softmax over the union.
 
-def two_branch_attention(q, k, v, selected, chunk_tokens):
-    """Routed attention as two branches merged through their LSEs, written plainly.
+def two_branch_attention(q, k, v, selected, chunk_tokens, branches=None):
+    """Routed attention as two branches merged through their LSEs.
 
     q:        (B, Lq, nh, hd), whole chunks of chunk_tokens tokens at the end of the keys
     k, v:     (B, Lk, nh, hd), opening with J history chunks
     selected: (B, nh, Lq, J)
-    Returns (B, Lq, nh, hd). kernels.two_branches computes the same branches tile by tile.
+    branches: plain_branches (default), or a tuned path of kernels.py: the same numbers
+    Returns (B, Lq, nh, hd).
     """
+    (o_own, l_own), (o_hist, l_hist) = (branches or plain_branches)(q, k, v, selected, chunk_tokens)
+    o, _ = merge_lse(o_own, l_own, o_hist, l_hist)
+    return o.to(v.dtype).transpose(1, 2)
+
+
+def plain_branches(q, k, v, selected, chunk_tokens):
+    """The two branches, written plainly -> (o, lse) of each: o (B, nh, Lq, hd), lse (B, nh, Lq)."""
     T, Lq, J = chunk_tokens, q.shape[1], selected.shape[-1]
-    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                                # (B, nh, L, hd)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                                 # (B, nh, L, hd)
     own = [x[:, :, x.shape[2] - Lq:].unflatten(2, (-1, T)) for x in (q, k, v)]   # per chunk
     o_own, l_own = attention_lse(*own)
-    o_hist, l_hist = attention_lse(q, k[:, :, :J * T], v[:, :, :J * T],
-                                   mask=selected.repeat_interleave(T, dim=-1))
-    return two_branch_merge(o_own.flatten(2, 3), l_own.flatten(2, 3), o_hist, l_hist, v.dtype)
-
-
-def two_branch_merge(o_own, l_own, o_hist, l_hist, dtype):
-    """o (B, nh, Lq, hd) and lse (B, nh, Lq) of both branches -> (B, Lq, nh, hd)."""
-    o, _ = merge_lse(o_own, l_own, o_hist, l_hist)
-    return o.to(dtype).transpose(1, 2)
+    history = attention_lse(q, k[:, :, :J * T], v[:, :, :J * T], mask=selected.repeat_interleave(T, dim=-1))
+    return (o_own.flatten(2, 3), l_own.flatten(2, 3)), history
 
 
 def attention_lse(q, k, v, mask=None):

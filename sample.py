@@ -252,9 +252,9 @@ def rollout(dit, text_encoder, captions, prefix, args, device):
     def progress(i):                               # called after chunk i is finished (and written to the cache)
         bar.update()
         if args.routing_plot and i < args.frames // fpc - 1:         # count afresh: the last chunk's routing stays
-            dit.routing_log = rf.RoutingLog()
+            dit.routing_log = media.RoutingLog()
 
-    dit.routing_log = rf.RoutingLog() if args.routing_plot else None
+    dit.routing_log = media.RoutingLog() if args.routing_plot else None
     with cli.autocast(device):
         video = rf.generate(dit, context, args.frames, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
                             neg_context=neg_context, prefix=prefix, seed=args.seed, use_cache=not args.no_cache,

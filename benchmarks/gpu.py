@@ -249,7 +249,7 @@ def correctness(rep, device, tiny):
         with torch.no_grad(), autocast:
             for backend in ("sdpa", "flex"):
                 model.attn_backend = backend
-                outs[backend] = model(x, t, ctx), model(x, t, ctx, history=hist)
+                outs[backend] = model.forward_causal(x, t, ctx), model(x, t, ctx, history=hist)
         rep.compare(f"{dtype} block-causal forward, flex vs sdpa", outs["flex"][0], outs["sdpa"][0], tol)
         rep.compare(f"{dtype} two-stream forward, flex vs sdpa", outs["flex"][1], outs["sdpa"][1], tol)
 
@@ -485,7 +485,7 @@ def wan_model(rep, device, tiny):
     def run_ours(model_cfg):
         ours.cfg = model_cfg
         with autocast:
-            return ours(x.to(dtype), t, ctx)
+            return ours.forward_causal(x.to(dtype), t, ctx)
 
     ref = why = None
     try:

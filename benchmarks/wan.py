@@ -105,7 +105,7 @@ def main():
         def run_ours(model_cfg):
             ours.cfg = model_cfg                                        # the chunking is config, not weights
             with autocast:
-                return ours(x.to(dtype), t, ctx)
+                return ours.forward_causal(x.to(dtype), t, ctx)
 
         @torch.no_grad()
         def run_ref():
@@ -116,7 +116,7 @@ def main():
         rel = ((a - b).norm() / b.norm()).item()
         med = median_of({"ours": lambda: run_ours(bidir), "diffusers": run_ref,
                          "ours, block-causal": lambda: run_ours(cfg)}, device, args.repeats)
-        print(f"1. forward, {args.frames} latent frames ({args.frames * rf._tokens(ours, H, W):,} tokens), batch 1, "
+        print(f"1. forward, {args.frames} latent frames ({args.frames * ours.tokens_per_frame(H, W):,} tokens), batch 1, "
               f"medians of {args.repeats} (relative difference of the outputs: {rel:.1e})")
         print(f"   diffusers WanTransformer3DModel   {med['diffusers'] * 1e3:9.1f} ms")
         print(f"   ours, one chunk (bidirectional)   {med['ours'] * 1e3:9.1f} ms   "

@@ -307,7 +307,7 @@ def _():
     expect(loss.requires_grad and not chunk_loss.requires_grad, "loss carries the gradient; chunk_loss is detached")
 
 
-@check("loss", "the training t follows train_shift: uniform t shifted by s (Eq. 7)")
+@check("loss", "the training t: uniform, shifted by train_shift (Eq. 7), drawn apart for each chunk")
 def _():
     model, (clip, _, ctx) = tiny_model(train_shift=3.0), inputs(B=1, chunks=2)
     ts = []
@@ -319,9 +319,12 @@ def _():
             rf.training_loss(model, big, ctx.expand(2000, -1, -1), "none", torch.Generator().manual_seed(0))
     finally:
         del model.forward
-    got = ts[0][:, ::2].flatten().quantile(torch.tensor([0.1, 0.5, 0.9]))
+    per_chunk = ts[0][:, ::2]                                                       # (2000, N = 2)
+    got = per_chunk.flatten().quantile(torch.tensor([0.1, 0.5, 0.9]))
     want = rf.shift_t(torch.tensor([0.1, 0.5, 0.9]), 3.0)
     expect((got - want).abs().max() <= 0.03, f"t quantiles {got.tolist()}, want {want.tolist()}")
+    corr = torch.corrcoef(per_chunk.T)[0, 1].item()
+    expect(abs(corr) < 0.1, f"the chunks of a video share their t (correlation {corr:.2f}): draw one per chunk")
 
 
 # -- 7. routing ---------------------------------------------------------------------------------------
@@ -351,9 +354,9 @@ def _():
 def _():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(3, 4, 8, generator=g) for _ in range(3))
-    k, v = torch.cat([k, 2 * k]), torch.cat([v, v.flip(0)])                          # 6 keys
-    o_a, l_a = rf.attention_lse(q, k[:3], v[:3])
-    o_b, l_b = rf.attention_lse(q, k[3:], v[3:])
+    k, v = torch.cat([k, 2 * k], dim=1), torch.cat([v, v.flip(1)], dim=1)             # 8 keys
+    o_a, l_a = rf.attention_lse(q, k[:, :3], v[:, :3])
+    o_b, l_b = rf.attention_lse(q, k[:, 3:], v[:, 3:])
     o, lse = rf.merge_lse(o_a, l_a, o_b, l_b)
     want = F.scaled_dot_product_attention(q, k, v)
     expect(rel_err(o, want) <= TOL, "the merged output is not softmax attention over both key sets")

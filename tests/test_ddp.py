@@ -1,6 +1,6 @@
 """A batch split across processes (torchrun, DistributedDataParallel over gloo on the CPU) or into gradient-accumulation
 micro-batches trains as the whole batch in one process does: the same per-step losses and the same final weights,
-up to float rounding. Each piece draws the whole batch's randomness and keeps its rows (rf.BatchSlice)."""
+up to float rounding. Each piece draws the whole batch's randomness and keeps its rows (train.BatchSlice)."""
 
 import json
 import os

@@ -23,25 +23,25 @@ from conftest import C, FPC, HW, S, TINY, chunk, differs, make_model, max_diff, 
 def test_block_causal_forward_is_causal(model):
     N = 4
     x, t, ctx, _ = rand_inputs(N=N)
-    v = model(x, t, ctx)
+    v = model.forward_causal(x, t, ctx)
     assert v.shape == x.shape and torch.isfinite(v).all()
     x2, t2, _, _ = rand_inputs(N=N, seed=2)
     for i in range(1, N):
         xa, ta = x.clone(), t.clone()
         xa[:, i * FPC:], ta[:, i * FPC:] = x2[:, i * FPC:], t2[:, i * FPC:]
-        va = model(xa, ta, ctx)
+        va = model.forward_causal(xa, ta, ctx)
         assert max_diff(va[:, :i * FPC], v[:, :i * FPC]) <= 1e-6, f"chunks < {i} saw chunk >= {i}"
         assert differs(chunk(va, i), chunk(v, i))
         # only t of chunk i changed: chunk i changes too (its own modulation), earlier ones not
         tb = t.clone()
         tb[:, i * FPC:] = t2[:, i * FPC:]
-        vb = model(x, tb, ctx)
+        vb = model.forward_causal(x, tb, ctx)
         assert max_diff(vb[:, :i * FPC], v[:, :i * FPC]) <= 1e-6
         assert differs(chunk(vb, i), chunk(v, i))
     # the earliest chunk does influence the later ones (attention across chunks is not cut entirely)
     xa = x.clone()
     xa[:, :FPC] = x2[:, :FPC]
-    assert all(differs(chunk(model(xa, t, ctx), j), chunk(v, j)) for j in range(N))
+    assert all(differs(chunk(model.forward_causal(xa, t, ctx), j), chunk(v, j)) for j in range(N))
 
 
 @torch.no_grad()
@@ -102,14 +102,14 @@ def test_two_stream_equals_block_causal_per_chunk(model):
     for i in range(N):
         seq = torch.cat([hist[:, :i * FPC], chunk(x, i)], dim=1)
         ts = torch.cat([torch.zeros(x.shape[0], i * FPC), chunk(t, i)], dim=1)
-        ref = model(seq, ts, ctx)[:, -FPC:]
+        ref = model.forward_causal(seq, ts, ctx)[:, -FPC:]
         err = rel_err(chunk(v, i), ref)
         assert err <= 1e-5, f"chunk {i}: relative error {err:.2e}"
         if i >= 1:   # wrong variants do differ: history at t != 0, a different history
-            assert differs(model(seq, ts.clamp(min=0.5), ctx)[:, -FPC:], ref)
+            assert differs(model.forward_causal(seq, ts.clamp(min=0.5), ctx)[:, -FPC:], ref)
             seq2 = seq.clone()
             seq2[:, 0] += 1.0
-            assert differs(model(seq2, ts, ctx)[:, -FPC:], ref)
+            assert differs(model.forward_causal(seq2, ts, ctx)[:, -FPC:], ref)
 
 
 @torch.no_grad()
@@ -120,14 +120,14 @@ def test_rope_positions(model):
     x, t, ctx, _ = rand_inputs(N=2)
     F_ = x.shape[1]
     text_kv = model.encode_text(ctx)
-    mask = model._mask(*rf._block_causal_layout(F_, FPC, "cpu"), S)
+    mask = model._mask(*rf.block_causal_layout(F_, FPC, "cpu"), S)
     pos = torch.arange(F_)
-    ref = model._forward(x, t, pos, text_kv, mask, n_out=F_)
-    assert max_diff(ref, model(x, t, ctx)) <= 1e-6
-    assert rel_err(model._forward(x, t, pos + 5, text_kv, mask, n_out=F_), ref) <= 1e-5
+    ref = model._forward(x, t, pos, text_kv, mask, None, n_out=F_)
+    assert max_diff(ref, model.forward_causal(x, t, ctx)) <= 1e-6
+    assert rel_err(model._forward(x, t, pos + 5, text_kv, mask, None, n_out=F_), ref) <= 1e-5
     shifted = pos.clone()
     shifted[FPC:] += 1                              # chunk 1 one frame further from chunk 0
-    assert differs(model._forward(x, t, shifted, text_kv, mask, n_out=F_)[:, FPC:], ref[:, FPC:])
+    assert differs(model._forward(x, t, shifted, text_kv, mask, None, n_out=F_)[:, FPC:], ref[:, FPC:])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ def test_rope_positions(model):
 def test_forward_chunk_with_cache_equals_block_causal(model):
     N = 4
     x, t, ctx, _ = rand_inputs(N=N)
-    ref = model(x, t, ctx)
+    ref = model.forward_causal(x, t, ctx)
     text_kv = model.encode_text(ctx)
     cache = rf.KVCache(model, N * FPC, HW)
     for i in range(N):
@@ -163,23 +163,23 @@ def test_input_errors(model):
     x = torch.randn(1, 2 * FPC, C, *HW)
     t = torch.rand(1, 2 * FPC)
     with pytest.raises(ValueError) as e:
-        model(torch.randn(1, FPC, C, 15, 16), torch.rand(1, FPC), ctx)
+        model.forward_causal(torch.randn(1, FPC, C, 15, 16), torch.rand(1, FPC), ctx)
     assert "divisible" in one_line(e) and "15x16" in one_line(e)
     with pytest.raises(ValueError) as e:
-        model(torch.randn(1, FPC + 1, C, *HW), torch.rand(1, FPC + 1), ctx)
+        model.forward_causal(torch.randn(1, FPC + 1, C, *HW), torch.rand(1, FPC + 1), ctx)
     assert "frames_per_chunk" in one_line(e)
     for bad_t in (torch.rand(1), torch.rand(1, 2 * FPC + 1), torch.rand(2, 2 * FPC), torch.rand(1, 2)):
         with pytest.raises(ValueError) as e:
-            model(x, bad_t, ctx)
+            model.forward_causal(x, bad_t, ctx)
         assert "t must be" in one_line(e)
     with pytest.raises(ValueError) as e:
         model(x, t, ctx, history=x[:, :FPC])
     assert "history" in one_line(e)
     with pytest.raises(ValueError) as e:
-        model(x, t, torch.randn(1, TINY["text_len"] + 1, TINY["text_dim"]))
+        model.forward_causal(x, t, torch.randn(1, TINY["text_len"] + 1, TINY["text_dim"]))
     assert "context" in one_line(e)
     with pytest.raises(ValueError) as e:
-        model(torch.randn(1, 2 * FPC, C + 1, *HW), t, ctx)
+        model.forward_causal(torch.randn(1, 2 * FPC, C + 1, *HW), t, ctx)
     assert "x must be" in one_line(e)
     cache = rf.KVCache(model, 2 * FPC, HW)
     cache.frames = rf.ROPE_LEN - 1                 # the next chunk would run past the RoPE table
@@ -192,7 +192,7 @@ def test_forward_rejects_more_frames_than_rope_table():
     m = make_model(frames_per_chunk=1)
     n = rf.ROPE_LEN + 1
     with pytest.raises(ValueError) as e:
-        m(torch.zeros(1, n, C, 4, 4), torch.zeros(1, n), torch.zeros(1, 1, TINY["text_dim"]))
+        m.forward_causal(torch.zeros(1, n, C, 4, 4), torch.zeros(1, n), torch.zeros(1, 1, TINY["text_dim"]))
     assert str(rf.ROPE_LEN) in one_line(e)
 
 
@@ -292,9 +292,9 @@ def test_checkpoint_round_trip(tmp_path, model):
     m2 = rf.DiT(cfg2).eval()
     checkpoints.load_state_strict(m2, tensors["model"])
     x, t, ctx, hist = rand_inputs(N=2)
-    assert torch.equal(m2(x, t, ctx), model(x, t, ctx))
+    assert torch.equal(m2.forward_causal(x, t, ctx), model.forward_causal(x, t, ctx))
     assert torch.equal(m2(x, t, ctx, history=hist), model(x, t, ctx, history=hist))
-    assert differs(rf.DiT(cfg2).eval()(x, t, ctx), model(x, t, ctx))     # an unloaded model is different
+    assert differs(rf.DiT(cfg2).eval().forward_causal(x, t, ctx), model.forward_causal(x, t, ctx))     # an unloaded model is different
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,11 +307,11 @@ def test_flex_backend_equals_sdpa():
     model = make_model()
     x, t, ctx, hist = rand_inputs(N=3)
     model.attn_backend = "sdpa"
-    ref_bc, ref_ts = model(x, t, ctx), model(x, t, ctx, history=hist)
+    ref_bc, ref_ts = model.forward_causal(x, t, ctx), model(x, t, ctx, history=hist)
     model.attn_backend = "flex"
-    layout = rf._block_causal_layout(x.shape[1], FPC, "cpu")
+    layout = rf.block_causal_layout(x.shape[1], FPC, "cpu")
     assert isinstance(model._mask(*layout, S), rf.BlockMask)
-    bc, ts = model(x, t, ctx), model(x, t, ctx, history=hist)
+    bc, ts = model.forward_causal(x, t, ctx), model(x, t, ctx, history=hist)
     e_bc, e_ts = rel_err(bc, ref_bc), rel_err(ts, ref_ts)
     assert e_bc <= 1e-5 and e_ts <= 1e-5, (e_bc, e_ts)
     # the BlockMask really masks: a different history changes the two-stream output

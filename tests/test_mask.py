@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import kernels
+import media
 import rf
 from conftest import FPC
 
@@ -77,8 +78,8 @@ def test_mask_ascii():
         " Z2   #   .   .   .   #   .",
         " Z3   #   #   .   .   .   #",
     ])
-    assert rf.mask_ascii(3) == want
-    assert rf.mask_ascii(3, two_stream=False) == "\n".join([
+    assert media.mask_ascii(3) == want
+    assert media.mask_ascii(3, two_stream=False) == "\n".join([
         "q\\k  C1  C2  C3",
         " C1   #   .   .",
         " C2   #   #   .",

@@ -11,6 +11,7 @@ import torch
 
 import checkpoints
 import kernels
+import media
 import rf
 from conftest import FPC, HW, S, TINY, differs, make_model, rand_inputs, rel_err
 
@@ -26,7 +27,7 @@ def two_stream_ids(N, tokens=1):
 
 
 def forwards(model, x, t, ctx, hist):
-    return model(x, t, ctx), model(x, t, ctx, history=hist)
+    return model.forward_causal(x, t, ctx), model(x, t, ctx, history=hist)
 
 
 def gen(model, ctx, num_frames, **kw):
@@ -38,7 +39,7 @@ def gen(model, ctx, num_frames, **kw):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_eligible_chunks_follow_the_rule():
-    """Eligible = the clean_past term of may_attend: strictly earlier history chunks, for H and Z queries alike."""
+    """Eligible = the earlier_history term of may_attend: strictly earlier history chunks, for H and Z queries alike."""
     N = 4
     chunk, stream = two_stream_ids(N)
     got = rf.eligible_chunks(chunk, N - 1)                                            # (2N - 1, N - 1)
@@ -326,8 +327,8 @@ def test_history_queries_route_too():
     i = N - 1
     seq = torch.cat([hist[:, :i * FPC], x[:, i * FPC:]], dim=1)
     ts = torch.cat([torch.zeros(x.shape[0], i * FPC), t[:, i * FPC:]], dim=1)
-    assert rel_err(v[:, i * FPC:], m(seq, ts, ctx)[:, -FPC:]) <= 1e-5
-    assert differs(v[:, i * FPC:], make_model()(seq, ts, ctx)[:, -FPC:])              # dense history differs
+    assert rel_err(v[:, i * FPC:], m.forward_causal(seq, ts, ctx)[:, -FPC:]) <= 1e-5
+    assert differs(v[:, i * FPC:], make_model().forward_causal(seq, ts, ctx)[:, -FPC:])              # dense history differs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def test_reported_sparsity_is_one_minus_k_over_history(k):
     Nh = 4
     m = make_model(top_k=k)
     ctx = torch.randn(1, 4, TINY["text_dim"])
-    log = rf.RoutingLog()
+    log = media.RoutingLog()
     last = Nh                                                          # 0-based index of the chunk to watch
 
     def watch(i):                                                      # called after chunk i is finished
@@ -388,13 +389,13 @@ def test_reported_sparsity_is_one_minus_k_over_history(k):
     assert len(log.frequency()) == Nh and log.frequency().sum().item() == pytest.approx(k)
     # in a forward, the history grows chunk by chunk: sparsity = 1 - sum min(k, n_q) / sum n_q over queries
     x, t, ctx2, hist = rand_inputs(B=1, N=Nh + 1)
-    m.routing_log = log = rf.RoutingLog()
+    m.routing_log = log = media.RoutingLog()
     with torch.no_grad():
         m(x, t, ctx2, history=hist)
     n_q = [c for c in range(Nh) for _ in range(T)] + [c for c in range(Nh + 1) for _ in range(T)]   # H, then Z
     want = 1 - sum(min(k, n) for n in n_q) / sum(n_q)
     assert log.sparsity() == pytest.approx(want)
-    m.routing_log = log = rf.RoutingLog()                              # dense model: nothing skipped
+    m.routing_log = log = media.RoutingLog()                              # dense model: nothing skipped
     dense = make_model()
     dense.routing_log = log
     with torch.no_grad():

@@ -158,7 +158,7 @@ def test_model_with_the_varlen_backend_equals_sdpa(cpu_varlen, rule):
     for backend in ("sdpa", "varlen"):
         m.attn_backend = backend
         m.zero_grad()
-        out[backend] = m(x, t, ctx), m(x, t, ctx, history=hist)
+        out[backend] = m.forward_causal(x, t, ctx), m(x, t, ctx, history=hist)
         sum(o.square().mean() for o in out[backend]).backward()
         grads[backend] = torch.cat([p.grad.flatten() for p in m.parameters()])
     for got, ref in zip(out["varlen"], out["sdpa"]):

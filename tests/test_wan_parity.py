@@ -92,7 +92,7 @@ def test_parity_same_t(models):
     x, ctx = inputs()
     errs = []
     for tb in (torch.tensor([0.3, 0.85]), torch.tensor([0.0, 1.0])):
-        v_ours = ours(x, tb[:, None].expand(B, NF), ctx)
+        v_ours = ours.forward_causal(x, tb[:, None].expand(B, NF), ctx)
         v_ref = run_diffusers(ref, x, 1000 * tb, ctx)
         assert v_ref.shape == v_ours.shape == x.shape
         errs.append(rel_err(v_ours, v_ref))
@@ -105,7 +105,7 @@ def test_parity_same_t(models):
     assert rel_err(run_diffusers(ref, x, tb, ctx), v_ref) > 1e-3
     causal = rf.DiT(rf.Config(**{**checkpoints.config_to_dict(ours.cfg), "frames_per_chunk": 1})).eval()
     causal.load_state_dict(ours.state_dict())
-    assert rel_err(causal(x, tb[:, None].expand(B, NF), ctx), v_ref) > 1e-3
+    assert rel_err(causal.forward_causal(x, tb[:, None].expand(B, NF), ctx), v_ref) > 1e-3
 
 
 @torch.no_grad()
@@ -115,7 +115,7 @@ def test_parity_per_frame_t(models):
     ref, ours = models
     x, ctx = inputs(seed=3)
     t = torch.tensor([[0.1, 0.5, 0.95], [0.7, 0.0, 0.3]])          # (B, F), all different
-    v_ours = ours(x, t, ctx)
+    v_ours = ours.forward_causal(x, t, ctx)
     v_ref = run_diffusers(ref, x, (1000 * t).repeat_interleave(S, dim=1), ctx)   # tokens are (f, h, w)-major
     err = rel_err(v_ours, v_ref)
     print(f"\nparity, per-frame t: relative error {err:.2e}")
@@ -123,4 +123,4 @@ def test_parity_per_frame_t(models):
     # wrong variants: frames' t permuted, or one t for the whole video
     perm = t[:, [2, 0, 1]]
     assert rel_err(run_diffusers(ref, x, (1000 * perm).repeat_interleave(S, dim=1), ctx), v_ref) > 1e-3
-    assert rel_err(ours(x, t.mean(1, keepdim=True).expand(B, NF), ctx), v_ref) > 1e-3
+    assert rel_err(ours.forward_causal(x, t.mean(1, keepdim=True).expand(B, NF), ctx), v_ref) > 1e-3

@@ -1,0 +1,108 @@
+"""
+python -m kit.plant [--suite] -- plant each usual wrong answer in a copy of the project and show that the
+part's checks reject it. With --suite, the test suite's quick tests (pytest -m "not slow") must reject it too.
+
+Exits 1 if any wrong answer gets through. CI runs it beside the test suite.
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kit.parts import ROOT, regions
+from kit.wrong_answers import WRONG
+
+
+def project_files(root=ROOT):
+    """The project's files: tracked or not ignored by git (outside a git checkout, all but runs and caches)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                             capture_output=True, text=True, check=True)
+        files = [f for f in out.stdout.split("\0") if f]
+    except (OSError, subprocess.CalledProcessError):
+        skip = {".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache"}
+        files = [str(p.relative_to(root)) for p in root.rglob("*")
+                 if p.is_file() and not skip & set(p.relative_to(root).parts)]
+    return [f for f in files if (root / f).is_file()]
+
+
+def copy_project(dest, files, root=ROOT):
+    for f in files:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / f, dest / f)
+
+
+def plant(text, wrong):
+    """text of wrong.file -> text with the wrong answer in it (a clear error if the right one is not there)."""
+    edits = list(wrong.also)
+    if isinstance(wrong.old, int):
+        lines = text.split("\n")
+        _, a, b = [r for r in regions(text) if r[0] == wrong.part][wrong.old]
+        text = "\n".join(lines[:a] + wrong.new.rstrip("\n").split("\n") + lines[b + 1:])
+    else:
+        edits.insert(0, (wrong.old, wrong.new))
+    for old, new in edits:
+        if text.count(old) != 1:
+            raise SystemExit(f"error: kit/wrong_answers.py ({wrong.what}): the right answer {old[:60]!r} is not "
+                             f"in {wrong.file} exactly once: update the wrong answer to today's code")
+        text = text.replace(old, new)
+    return text
+
+
+def rejected_by_checks(copy, part):
+    """-> (the part's checks failed, the grader's line for it). A grader that crashed rejects nothing."""
+    run = subprocess.run([sys.executable, "-m", "kit.grade", "--part", part, "--json", str(copy / "g.json")],
+                         cwd=copy, capture_output=True, text=True)
+    if not (copy / "g.json").exists():
+        raise SystemExit(f"error: the grader did not run in the copy: {run.stderr.strip()[-300:]}")
+    result = json.loads((copy / "g.json").read_text())[part]
+    return result["status"] == "failed", f"{result['status']}: {result['reason']}"
+
+
+def rejected_by_suite(copy):
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
+                          "tests"], cwd=copy, capture_output=True, text=True)
+    failed = [ln for ln in run.stdout.splitlines() if ln.startswith("FAILED")]
+    return run.returncode != 0, failed[0][7:] if failed else run.stdout.strip().splitlines()[-1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", action="store_true", help="also run the quick tests on each (minutes each)")
+    p.add_argument("--only", default="", help="only the wrong answers whose description contains this")
+    args = p.parse_args(argv)
+    files, through = project_files(), []
+    wrongs = [w for w in WRONG if args.only in w.what]
+    print(f"{len(wrongs)} wrong answers, each planted in a fresh copy")
+    for w in wrongs:
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            copy = Path(tmp)
+            copy_project(copy, files)
+            (copy / w.file).write_text(plant((copy / w.file).read_text(), w))
+            caught, line = rejected_by_checks(copy, w.part)
+            result = f"{w.part:<11} {'rejected' if caught else 'ACCEPTED':<9} {w.what}"
+            if not caught:
+                through.append(w.what)
+            if args.suite:
+                by_suite, first = rejected_by_suite(copy)
+                result += f"\n{'':<21}suite: {'rejected by ' + first if by_suite else 'ACCEPTED: ' + first}"
+                if not by_suite:
+                    through.append(w.what + " (suite)")
+        print(f"{result}  ({time.time() - t0:.0f} s)", flush=True)
+        if caught:
+            print(f"{'':<21}{line[:110]}")
+    if through:
+        print(f"{len(through)} wrong answers got through: {through}")
+        return 1
+    print(f"all {len(wrongs)} wrong answers rejected")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
