@@ -36,6 +36,11 @@ SAMPLE_RANGES = dict(num=cli.AT_LEAST_1, frames=cli.AT_LEAST_1, prefix_frames=cl
                      shift=cli.ABOVE_0, cfg=cli.AT_LEAST_0, height=cli.AT_LEAST_1, width=cli.AT_LEAST_1)
 
 
+# Compiled blocks read the KV cache eagerly, but no GPU run has yet compared a compiled video with an eager one.
+UNVERIFIED_COMPILE = ("note: --compile is not yet verified for sampling (no GPU run has compared it with eager "
+                      "sampling; docs/performance.md): check a video against one made without it")
+
+
 def parse_args(argv=None):
     """-> (options, the rf.Config fields given: for --preset, or the routing fields for a checkpoint)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--no_cache", action="store_true", help="recompute the history at every step (reference path)")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true", help="compile each DiT block (kernels.compile_blocks): on a "
-                   "GPU, faster chunks once the first has compiled; on a CPU, only the wait for the compiler")
+                   "GPU, faster chunks once the first has compiled; on a CPU, only the wait for the compiler. "
+                   "Not yet verified against eager sampling on a GPU (docs/performance.md)")
     p.add_argument("--save_frames", action="store_true",
                    help="toy: also write the rollouts as arrays, frames.npz: truth and one uint8 (N, T, H, W, 3) "
                         "array per model, for metrics of your own")
@@ -124,6 +130,7 @@ def main_toy(args, overrides, device):
         raise ValueError("--routing_plot draws one checkpoint's routing: drop --compare")
     models = [checkpoints.load_models(c, args.ema, device, overrides) for c in ckpts]   # (dit, text_encoder, meta)
     if args.compile:
+        print(UNVERIFIED_COMPILE)
         for dit, _, _ in models:
             kernels.compile_blocks(dit)
     cfg, fpc = models[0][0].cfg, models[0][0].cfg.frames_per_chunk
@@ -360,6 +367,7 @@ def main_wan(args, overrides, device, meta):
         # 2. the latents, chunk by chunk (bf16 on CUDA: fp32 islands, bf16 matmuls, as train.py trains)
         dit = wan.load_wan(weights, torch.bfloat16 if cuda else torch.float32, device, preset_name, **fields).eval()
         if args.compile:
+            print(UNVERIFIED_COMPILE)
             kernels.compile_blocks(dit)
         bar = tqdm(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
         with cli.autocast(device):

@@ -161,7 +161,7 @@ def sheet(firsts, names, args, path, fpc, scale=3, gap=2):
     img = Image.new("RGB", (label + n_frames * cell, top + len(rows) * (H * scale + gap)), "white")
     draw = ImageDraw.Draw(img)
     for f in range(n_frames):
-        draw.text((label + f * cell + 2, 1), str(f), fill="black")
+        draw.text((label + f * cell + 2, 1), str(f + 1), fill="black")
     for r, (text, video) in enumerate(rows):
         y = top + r * (H * scale + gap)
         draw.text((2, y + 2), text, fill="black")

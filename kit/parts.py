@@ -79,5 +79,5 @@ def stub(text, chosen):
         n = sum(1 for line in lines[a:b + 1] if line.strip() and not line.strip().startswith("#"))
         taken += lines[a:b + 1]
         lines[a:b + 1] = [f'{indent}raise NotImplementedError("part {p.number} ({part}): write this, '
-                          f'about {n} lines; see kit/ASSIGNMENT.md")']
+                          f'about {n} line{"s" if n > 1 else ""}; see kit/ASSIGNMENT.md")']
     return "\n".join(lines), taken

@@ -66,7 +66,7 @@ def test_compiled_cached_sampling_matches_eager(routing):
         assert rel_err(got[:, i:i + 2], want[:, i:i + 2]) < 1e-5, f"chunk {i // 2}"
 
 
-def test_train_and_sample_with_compile_flag(tmp_path, monkeypatch):
+def test_train_and_sample_with_compile_flag(tmp_path, monkeypatch, capsys):
     """train.py --compile trains the same weights as without (4 steps, Resampling Forcing from step 3), and
     sample.py --compile makes the same video: the flag only changes how the blocks run."""
     calls = []
@@ -87,6 +87,7 @@ def test_train_and_sample_with_compile_flag(tmp_path, monkeypatch):
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         sample.main(["--ckpt", str(tmp_path / "eager" / "latest"), "--frames", "6", "--num", "1", "--save_frames",
                      "--out", str(tmp_path / f"sample_{name}"), *extra])
+        assert (sample.UNVERIFIED_COMPILE in capsys.readouterr().out) == bool(extra)   # says it is unverified
     assert len(calls) == 2
     x, y = (np.load(tmp_path / f"sample_{name}" / "frames.npz") for name in ("eager", "compiled"))
     assert all((x[k] == y[k]).all() for k in x.files)
