@@ -24,6 +24,8 @@ mean over clips with a 95% interval (1.96 standard errors over clips):
                is the model meeting a history it never trained on, not its own errors piling up.
   c4/w3        with --true_at 4:3: chunk 4 (0-based) generated after the TRUE frames before it, reading a window of
                3 history chunks ("c4" alone: all of them). One chunk, so no error of the model's own is in it.
+  c4/w3/from1  with --true_at 4:3:1: the same, but the video starts at true chunk 1: the farthest chunk read is a
+               first chunk, one that had no history of its own, as in every training clip.
   a:b          with --score a:b: the rollout's frames a .. b-1.
 
 --window W samples with a sliding window of W history chunks. With W = L / fpc - 1 (3 for the toy) every chunk sees
@@ -65,9 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--window", type=int, default=None,
                    help="sample with a sliding window of this many history chunks (default: the checkpoint's)")
-    p.add_argument("--true_at", nargs="*", default=[], metavar="CHUNK[:WINDOW]",
+    p.add_argument("--true_at", nargs="*", default=[], metavar="CHUNK[:WINDOW[:FROM]]",
                    help="also score one chunk generated after a true history: chunk CHUNK (0-based), reading "
-                        "WINDOW history chunks (default all)")
+                        "WINDOW history chunks (default all), the video starting at true chunk FROM (default 0)")
     p.add_argument("--score", nargs="*", default=[], metavar="A:B",
                    help="also score the rollout's frames A .. B-1 (e.g. 24:32)")
     p.add_argument("--seed", type=int, default=1000, help="noise seed of the first batch of clips (batch i: seed + i)")
@@ -103,26 +105,29 @@ def load(run, args, window):
 
 
 def parse_true_at(spec):
-    """"4:3" -> (4, 3); "4" -> (4, None): chunk 4 after a true history, a window of 3 chunks or all of them."""
-    chunk, _, window = spec.partition(":")
-    return int(chunk), int(window) if window else None
+    """"4:3" -> (4, 3, 0): chunk 4 after the true chunks before it, reading a window of 3 history chunks
+    ("4": all of them). "4:3:1" -> (4, 3, 1): the same, but the video starts at true chunk 1 (chunk 0 never
+    existed), so chunk 1 is a first chunk, encoded without a history of its own."""
+    chunk, window, start = (spec.split(":") + ["", ""])[:3]
+    return int(chunk), int(window) if window else None, int(start) if start else 0
 
 
 def true_history_chunks(run, test, args, fpc):
-    """--true_at: per spec, each clip's chunk `chunk` generated after the TRUE frames before it -> per-clip means."""
+    """--true_at: per spec, each clip's chunk `chunk` generated after TRUE frames -> per-clip means."""
     out = {}
     for spec in args.true_at:
-        chunk, window = parse_true_at(spec)
+        chunk, window, start = parse_true_at(spec)
         dit, text_encoder, _ = load(run, args, window)
-        P, made = chunk * fpc, []
+        P, first, made = chunk * fpc, start * fpc, []
         for i in range(0, args.clips, args.batch):
             j = min(i + args.batch, args.clips)
-            truth = media.from_uint8(test["frames"][i:j, :P])
+            truth = media.from_uint8(test["frames"][i:j, first:P])
             context, neg = text_encoder.contexts(test["captions"][i:j])
-            video = rf.generate(dit, context, P + fpc, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
-                                neg_context=neg, prefix=truth, seed=args.seed + i)
-            made.append(media.to_uint8(video[:, P:]))
-        out[f"c{chunk}" + (f"/w{window}" if window else "")] = fidelity(np.concatenate(made), test, P).mean(1)
+            video = rf.generate(dit, context, P - first + fpc, steps=args.steps, shift=args.shift,
+                                cfg_scale=args.cfg, neg_context=neg, prefix=truth, seed=args.seed + i)
+            made.append(media.to_uint8(video[:, P - first:]))
+        name = f"c{chunk}" + (f"/w{window}" if window else "") + (f"/from{start}" if start else "")
+        out[name] = fidelity(np.concatenate(made), test, P).mean(1)
     return out
 
 
