@@ -37,8 +37,9 @@ def config(cfg, degrade_modes, train_t):
                          "set top_k or window as well")
 
 
-def video(cfg, x, t, rope_len):
-    """A DiT input x (B, F, C, H, W) at t (B, F), each mistake a one-line ValueError."""
+def video(cfg, x, t, rope_len, history=None, first=0):
+    """A DiT input x (B, F, C, H, W) at t (B, F) (and its history), its first frame at RoPE position
+    `first`, each mistake a one-line ValueError."""
     if x.ndim != 5 or x.shape[2] != cfg.in_dim:
         raise ValueError(f"x must be (B, F, {cfg.in_dim}, H, W), got {tuple(x.shape)}")
     B, num_frames, _, H, W = x.shape
@@ -48,8 +49,11 @@ def video(cfg, x, t, rope_len):
     if num_frames % cfg.frames_per_chunk:
         raise ValueError(f"{num_frames} frames is not a multiple of "
                          f"frames_per_chunk={cfg.frames_per_chunk}")
-    if num_frames > rope_len:
-        raise ValueError(f"{num_frames} frames exceed the RoPE table ({rope_len} positions)")
+    if first + num_frames > rope_len:
+        raise ValueError(f"frame {first + num_frames} is past the RoPE table ({rope_len} positions): "
+                         f"generate at most {rope_len} frames")
+    if history is not None and history.shape != x.shape:
+        raise ValueError(f"history must have the shape of x {tuple(x.shape)}, got {tuple(history.shape)}")
     if tuple(t.shape) != (B, num_frames):
         raise ValueError(f"t must be (B, F) = ({B}, {num_frames}), one noise level per frame; "
                          f"got {tuple(t.shape)}")
@@ -71,3 +75,9 @@ def generate_args(cfg, B, num_frames, prefix, H, W, rope_len):
     if not n_prefix < num_frames <= rope_len:
         raise ValueError(f"num_frames={num_frames} must exceed the prefix ({n_prefix}) and be "
                          f"at most the RoPE table length {rope_len}")
+
+
+def context(cfg, context):
+    """Text features (B, Lt, text_dim) with Lt <= text_len."""
+    if context.ndim != 3 or context.shape[-1] != cfg.text_dim or context.shape[1] > cfg.text_len:
+        raise ValueError(f"context must be (B, <= {cfg.text_len}, {cfg.text_dim}), got {tuple(context.shape)}")

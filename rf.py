@@ -24,10 +24,12 @@ Reading order (a reader who stops before 7 has read the whole dense method)
 Conventions (each letter keeps one meaning in the whole file)
     B batch, F frames, C channels, H x W frame size (Wan: latents, 8x smaller than pixels; toy: pixels)
     N chunks, J history chunks (index j), L tokens, S tokens a frame, D width, nh heads, hd head width
+    fpc frames per chunk; Fp frames in one forward's sequence (the history's and the noisy ones)
     videos are (B, F, C, H, W); noise levels are per frame, t: (B, F), equal within a chunk
     t = 0 clean, t = 1 pure noise; x_t = (1 - t) x0 + t eps; the model predicts v = eps - x0
     a chunk is frames_per_chunk consecutive frames made together (the paper calls it a "frame")
     lines tagged [RF] are where this model departs from Wan2.1: `grep -n "\\[RF\\]" rf.py`
+    lines between `# [part: NAME]` and `# [end: NAME]` are what a student writes in the course kit (kit/)
 """
 
 import math
@@ -444,10 +446,7 @@ class DiT(nn.Module):
         history: (B, F, C, H, W) the frames each chunk is conditioned on (ground truth or degraded)
         Returns v: (B, F, C, H, W).
         """
-        checks.video(self.cfg, x, t, ROPE_LEN)
-        if history.shape != x.shape:
-            raise ValueError(f"history must have the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(history.shape)}")
+        checks.video(self.cfg, x, t, ROPE_LEN, history)
         B, num_frames = x.shape[:2]
         dev, fpc = x.device, self.cfg.frames_per_chunk
         # [part: two_stream]
@@ -479,11 +478,8 @@ class DiT(nn.Module):
                  (once a chunk is finished, at t = 0); otherwise the next call overwrites them
         Returns v: (B, fpc, C, H, W).
         """
-        checks.video(self.cfg, x, t, ROPE_LEN)
         fpc = x.shape[1]
-        if cache.frames + fpc > ROPE_LEN:
-            raise ValueError(f"frame {cache.frames + fpc} is past the RoPE table ({ROPE_LEN} "
-                             f"positions): generate at most {ROPE_LEN} frames")
+        checks.video(self.cfg, x, t, ROPE_LEN, first=cache.frames)
         pos = torch.arange(cache.frames, cache.frames + fpc, device=x.device)
         # every cached key is an earlier history chunk, so the rule allows them all: no mask, unless
         # routing [RF] narrows them (layout: the block-causal one of [cache ; this chunk])
@@ -500,13 +496,9 @@ class DiT(nn.Module):
 
     def encode_text(self, context):
         """Text features (B, Lt, text_dim), Lt <= text_len -> per-layer cross-attention (K, V)."""
-        cfg = self.cfg
-        B, Lt, width = context.shape if context.ndim == 3 else (0, 0, 0)
-        if context.ndim != 3 or width != cfg.text_dim or Lt > cfg.text_len:
-            raise ValueError(f"context must be (B, <= {cfg.text_len}, {cfg.text_dim}), "
-                             f"got {tuple(context.shape)}")
+        checks.context(self.cfg, context)
         # Wan zero-pads the text to text_len and attends to all of it, padding included (no mask)
-        context = F.pad(context, (0, 0, 0, cfg.text_len - context.shape[1]))
+        context = F.pad(context, (0, 0, 0, self.cfg.text_len - context.shape[1]))
         ctx = self.text_embedding(context)                                        # (B, text_len, D)
         return [block.cross_attn.kv(ctx) for block in self.blocks]
 
