@@ -120,6 +120,20 @@ def test_resampling_forcing_loss_is_flow_matching_on_the_clip_not_the_history(mo
         assert differs(chunk(hist, i), chunk(clip, i), 1e-3), f"history chunk {i} not resampled"
 
 
+@torch.no_grad()
+def test_training_t_is_shifted_uniform_and_drawn_apart_for_each_chunk(monkeypatch):
+    """Algorithm 1, line 6: t^i for every chunk i, independently; the toy's is uniform shifted by train_shift."""
+    model = make_model(train_shift=3.0)
+    calls = record_two_stream_calls(model, monkeypatch)
+    B = 1000
+    clip, ctx = (x[:1].expand(B, *x.shape[1:]) for x in _clip(B=1, N=2))
+    rf.training_loss(model, clip, ctx, mode="none", generator=seeded(0))
+    t = calls[-1]["t"][:, ::FPC].double()                                             # (B, N = 2)
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64)
+    assert max_diff(t.flatten().quantile(q), rf.shift_t(q, 3.0)) < 0.04
+    assert abs(torch.corrcoef(t.T)[0, 1].item()) < 0.1, "the chunks of a video must not share their t"
+
+
 @pytest.mark.parametrize("mode", ["autoregressive", "parallel"])
 def test_no_gradient_flows_into_the_degraded_history(mode, monkeypatch):
     """Self-resampling runs without gradient (Algorithm 1: the history is a detached rollout): the parameter
