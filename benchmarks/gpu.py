@@ -1,7 +1,7 @@
 """
 The GPU check: one command that runs the first time on a bare CUDA machine, and a report of what it saw.
 
-    python benchmarks/gpu.py --out gpu_report          # one H100 (README, "On an H100"): report.md, report.json
+    python benchmarks/gpu.py --out gpu_report          # one H100 (docs/performance.md): report.md, report.json
     python benchmarks/gpu.py --tiny --out /tmp/gpu     # every section at toy sizes on the CPU (tests/ runs this)
 
 Sections, each standing alone (a failure prints FAIL with the error and where, and the next section runs):
@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))       # the project's wan.py, not benchmarks/wan.p
 # over layers; Wan's 30 layers at 32k tokens in bf16 against diffusers, a looser 5e-2.
 TOL = {"fp32": 1e-3, "bf16": 3e-2, "wan_bf16": 5e-2}
 TARGETS = {
-    "wan_forward": "ours / diffusers <= 1.05x (moonshot 0.9x)",
+    "wan_forward": "ours / diffusers <= 1.05x (stretch goal 0.9x)",
     "rf_step_memory": "fits in 80 GB",
     "video_5s": "5 s 480x832 video (7 chunks of 3 latent frames, 32 Euler steps, CFG) <= 40 s; FLOPs alone ~16 s",
     "top5": "top-5 routed attention at 20 history chunks <= 0.4x dense",
@@ -526,7 +526,7 @@ def wan_model(rep, device, tiny):
               ms=secs["ours_block_causal"] * 1e3, tflops_per_s=tflops["ours_block_causal"])
     if ref is None:
         rep.check("forward, against diffusers' WanTransformer3DModel", "SKIP", target=TARGETS["wan_forward"],
-                  note=f"diffusers does not import ({why}); bring it as a wheel (README)")
+                  note=f"diffusers does not import ({why}); bring it as a wheel (docs/performance.md)")
     else:
         rep.compare("forward, outputs ours vs diffusers", eager, run_ref().float().permute(0, 2, 1, 3, 4),
                     TOL["wan_bf16"] if cuda else TOL["fp32"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# experiments/drift_runs.sh -- the long teacher-forcing vs Resampling Forcing pair of issue 14, on a CPU.
+# experiments/drift_runs.sh -- a long teacher-forcing vs Resampling Forcing pair, on a CPU.
 #
 #   nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &
 #   STEPS=16000 nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &     # extend both (rerun: it resumes)

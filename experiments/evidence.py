@@ -1,9 +1,9 @@
 """
-experiments/evidence.py -- does Resampling Forcing beat teacher forcing on long rollouts? (issue 5)
+experiments/evidence.py -- does Resampling Forcing beat teacher forcing on long rollouts?
 
     python experiments/evidence.py                  # CPU variant: 8 methods, several hours on 2 cores
     python experiments/evidence.py --scale gpu      # longer training, bigger batch: for one GPU
-    python experiments/evidence.py --scale cpu_long --methods tf ar_s0.6 --out DIR   # twice the budget (README)
+    python experiments/evidence.py --scale cpu_long --methods tf ar_s0.6 --out DIR   # twice the budget (docs/evidence.md)
     python experiments/evidence.py --only_eval      # re-score the trained runs (saved rollouts are reused)
 
 Every method is trained with the same model, data, steps and seed. They all branch from ONE teacher-forcing
@@ -61,7 +61,7 @@ HERO = ("tf", "ar_s0.6")              # the side-by-side GIF and the shipped che
 # NOTE(choice): routing variants use k = w = 2. Training clips hold 4 chunks, so at most 3 history chunks: 2 of them
 # is real sparsity during training, and at 4x length (15 history chunks) the router must pick.
 
-# NOTE(choice): the warm-up is the quick start's 3000 teacher-forcing steps (the toy of issue 14); each method then
+# NOTE(choice): the warm-up is the quick start's 3000 teacher-forcing steps (the toy as shipped); each method then
 # trains its own history for the rest. experiments/drift_runs.sh is the same recipe for tf and ar_s0.6 alone.
 SCALES = {   # the toy preset everywhere; only the training budget differs
     "cpu": dict(steps=9000, warmup_steps=3000, batch_size=8),    # 6000 steps per method: ~30 min each at 1 thread

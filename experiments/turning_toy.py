@@ -1,6 +1,6 @@
 """
 experiments/turning_toy.py -- a toy whose future is NOT fixed by its past, where Resampling Forcing started to pay
-(issue 14: the shipped toy is deterministic, and there teacher forcing was never worse; see the README's Evidence).
+(the shipped toy is deterministic, and there teacher forcing was never worse; see docs/evidence.md).
 
     python experiments/turning_toy.py data runs/turning             # train.npz (2000 x 16), test.npz (128 x 64)
     DATA=runs/turning/train.npz OUT=runs/turning STEPS=6000 bash experiments/drift_runs.sh

@@ -1,4 +1,4 @@
-"""Per-frame metrics for generated moving-shapes videos (issue 5).
+"""Per-frame metrics for generated moving-shapes videos.
 
 Given clean prefix frames of a test clip, the rest of the clip is fixed by the
 physics (constant velocity, wall bounces), so a generated continuation can be
@@ -14,7 +14,7 @@ scored frame by frame against the simulator's truth. Four metrics:
 * ``shape_fidelity``      per object, the overlap (IoU) of the pixels of its
                            colour with its true pixels: 1.0 is the exact shape
                            at the exact place; a blob, a smear, a 1-pixel shift
-                           or a missing object all lower it (issue 14).
+                           or a missing object all lower it.
 
 Every metric is a pure numpy function returning one value per frame, shape
 (F,), so you can plot it against the frame index. ``evaluate`` runs all three
@@ -151,7 +151,7 @@ def centroid_offset(shape: str, radius: float) -> np.ndarray:
     dy = +r/3 for the continuous shape. The tracker subtracts this so that it estimates the centre used
     by the simulator rather than the centroid.
 
-    With the whole-pixel motion of issue 14 a shape is always rasterised on the
+    With whole-pixel motion a shape is always rasterised on the
     same grid (its centre on a pixel centre), so the offset of its PIXELS'
     centroid is exact and known: we measure it once on the rasterised shape
     (28/31 = 0.90 px for the r = 3 triangle, not quite r/3 = 1). The floor of

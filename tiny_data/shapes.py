@@ -18,7 +18,7 @@ its centre is at (i + 0.5, j + 0.5) and the frame spans [0, size] on each axis.
 An object is rasterised by testing which pixel centres lie inside it (hard
 edges, no antialiasing), so every pixel is exactly one palette colour or black.
 
-Motion is exact (issue 14): every object centre sits on a pixel centre and
+Motion is exact: every object centre sits on a pixel centre and
 moves by a whole number of pixels per frame, so each object's next frame is
 the exact pixel translate of its current one, and a bounce is an exact
 reflection about the last pixel position where the shape still fits. The
@@ -60,7 +60,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 MIN_RADIUS, MAX_RADIUS = 3, 3        # half-extent of a shape, in whole pixels
 MIN_SPEED, MAX_SPEED = 1, 1          # |velocity| per axis, in whole pixels per frame
 MAX_OBJECTS = 2                      # the data set arrays are padded to this
-# NOTE(choice): the shipped clips hold ONE object (issue 14). With one or two, the quick start's model continued a
+# NOTE(choice): the shipped clips hold ONE object. With one or two, the quick start's model continued a
 # clip markedly worse (1,000 steps: first generated chunk 0.50 -> 0.60 shape fidelity, the training length 0.38 ->
 # 0.52): occlusion and two motions to track cost capacity the 10 minutes do not have. Two-object clips are one
 # argument away: make_dataset(..., max_objects=2).
