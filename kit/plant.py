@@ -1,6 +1,7 @@
 """
 python -m kit.plant [--suite] -- plant each usual wrong answer in a copy of the project and show that the
-part's checks reject it. With --suite, the test suite's quick tests (pytest -m "not slow") must reject it too.
+part's checks reject it. With --suite, the test suite's quick tests must reject it too (pytest -m "not slow",
+without the kit's own tests, which run the same checks).
 
 Exits 1 if any wrong answer gets through. CI runs it beside the test suite.
 """
@@ -66,7 +67,7 @@ def rejected_by_checks(copy, part):
 
 def rejected_by_suite(copy):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider",
-                          "tests"], cwd=copy, capture_output=True, text=True)
+                          "--ignore", "tests/test_kit.py", "tests"], cwd=copy, capture_output=True, text=True)
     failed = [ln for ln in run.stdout.splitlines() if ln.startswith("FAILED")]
     return run.returncode != 0, failed[0][7:] if failed else run.stdout.strip().splitlines()[-1]
 

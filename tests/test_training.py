@@ -151,6 +151,17 @@ def test_no_gradient_flows_into_the_degraded_history(mode, monkeypatch):
         assert rel_err(grads[0][name], g) <= 1e-6, f"{name}: the loss backpropagates through the history"
 
 
+def test_self_resampling_builds_no_graph_even_when_called_with_gradients_on():
+    """resample_autoregressive is a rollout without gradient on its own, not only inside degrade_history: a
+    resampler written without torch.no_grad would keep every step's graph in memory (and leak gradients into the
+    history wherever it is called from a training graph)."""
+    clip, ctx = _clip()
+    model = make_model().train()
+    with torch.enable_grad():
+        out = rf.resample_autoregressive(model, clip, ctx, torch.full((clip.shape[0],), 0.5), generator=seeded(0))
+    assert not out.requires_grad and out.grad_fn is None
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     clip, ctx = _clip()
     grads = []
