@@ -4,9 +4,12 @@
 #   nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &
 #   STEPS=16000 nohup bash experiments/drift_runs.sh > runs/drift.log 2>&1 &     # extend both (rerun: it resumes)
 #   DATA=runs/turning/train.npz OUT=runs/turning STEPS=12000 bash experiments/drift_runs.sh   # the turning toy
-#   MODEL="--dim 64 --ffn_dim 256 --num_heads 2 --num_layers 2" OUT=runs/small STEPS=15000 \
-#       bash experiments/drift_runs.sh                                                        # the small pair
+#   MODEL="--dim 128 --ffn_dim 512 --num_heads 4 --num_layers 2" OUT=runs/small STEPS=12000 \
+#       bash experiments/drift_runs.sh                                     # the shipped small pair (0.69M)
 #   S=0.3 OUT=runs/small_s0.3 MODEL=... bash experiments/drift_runs.sh   # RF at resampling shift s = 0.3 (new OUT)
+#   python -c "from tiny_data import shapes; shapes.save_dataset('runs/long/train32.npz', shapes.make_dataset(0, 2000, 32))"
+#   MODEL="--dim 128 --ffn_dim 512 --num_heads 4 --num_layers 2" DATA=runs/long/train32.npz CLIP=32 OUT=runs/long \
+#       WARMUP=2000 STEPS=4000 bash experiments/drift_runs.sh      # 32-frame training clips, as long as the rollout
 #
 # One shared teacher-forcing warm-up (WARMUP steps, 2 threads), then two branches from its last checkpoint, side by
 # side at 1 thread each, to STEPS in all: teacher forcing (--degrade none) and Resampling Forcing (autoregressive
