@@ -48,7 +48,7 @@ from tiny_data.caption_encoder import CaptionEncoder
 # NOTE(choice): the toy's quick start is 3000 teacher-forcing steps, then 500 of Resampling Forcing. The method
 # needs a model whose per-chunk error is small: on a model that is bad at every chunk, resampling only adds noise
 # (measured: switching at 3000 costs 0.07 of shape fidelity within the training length and gains nothing yet past
-# it). The long runs that show drift and its cure ship in checkpoints/.
+# it). The longer runs of docs/evidence.md ship in checkpoints/.
 # Each field is an option of the same name; its --help is the text beside it.
 @dataclass
 class Train:
