@@ -34,13 +34,14 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoints  # noqa: E402
 import media  # noqa: E402
 import rf  # noqa: E402
-from tiny_data import metrics, shapes  # noqa: E402
+from tiny_data import shapes  # noqa: E402
+from tune_toy import checkpoint, fidelity, mean_ci  # noqa: E402
 
 CORRUPTIONS = ("none", "noise", "shift", "blank", "colour", "guess")
-KEYS = ("centres", "colours", "shapes", "radii")
 
 
 def parse_args(argv=None):
@@ -67,13 +68,6 @@ def parse_args(argv=None):
     return args
 
 
-def checkpoint(path):
-    path = Path(path)
-    if not path.exists():
-        sys.exit(f"error: no checkpoint at {path}: pass a checkpoint folder or a run folder of train.py")
-    return path / "latest" if (path / "latest").exists() else path
-
-
 def corrupt(prefix, how, chunk, fpc, guess=None, seed=0):
     """prefix (B, P, 3, H, W) in [-1, 1] -> a copy with chunk `chunk` corrupted in the named way."""
     out, part = prefix.clone(), slice(chunk * fpc, (chunk + 1) * fpc)
@@ -90,13 +84,6 @@ def corrupt(prefix, how, chunk, fpc, guess=None, seed=0):
     elif how == "guess":
         out[:, part] = guess
     return out
-
-
-def fidelity(videos, test, start, rows):
-    """(n, F', H, W, 3) uint8 frames start .. of test clips `rows` -> per-frame shape fidelity (n, F')."""
-    f = videos.shape[1]
-    return np.stack([metrics.shape_fidelity(v, test["centres"][i][start:start + f], *(test[k][i] for k in KEYS[1:]))
-                     for v, i in zip(videos, rows)])
 
 
 @torch.no_grad()
@@ -123,11 +110,6 @@ def run_model(run, test, args, bar):
             firsts.setdefault(how, video[0])
             bar.update(len(rows))
     return {c: np.concatenate(v) for c, v in scores.items()}, firsts, fpc
-
-
-def mean_ci(x):
-    x = np.asarray(x, dtype=np.float64)
-    return float(x.mean()), float(1.96 * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
 def plot(results, names, args, path):

@@ -83,20 +83,27 @@ def parse_args(argv=None):
 
 
 def checkpoint(path):
+    """A run folder (its `latest`) or a checkpoint folder -> the checkpoint folder; a one-line error if absent."""
     path = Path(path)
+    if not path.exists():
+        sys.exit(f"error: no checkpoint at {path}: pass a checkpoint folder or a run folder of train.py")
     return path / "latest" if (path / "latest").exists() else path
 
 
-def fidelity(videos, test, start):
-    """(N, F', H, W, 3) uint8 frames start .. start+F'-1 of the test clips -> per-frame shape fidelity (N, F')."""
-    n, f = videos.shape[:2]
-    return np.stack([metrics.shape_fidelity(videos[i], test["centres"][i][start:start + f],
-                                            *(test[k][i] for k in KEYS[1:])) for i in range(n)])
+def fidelity(videos, test, start, rows=None):
+    """(n, F', H, W, 3) uint8 frames start .. start+F'-1 of test clips `rows` (default the first n) -> per-frame
+    shape fidelity (n, F')."""
+    f = videos.shape[1]
+    rows = range(len(videos)) if rows is None else rows
+    return np.stack([metrics.shape_fidelity(v, test["centres"][i][start:start + f], *(test[k][i] for k in KEYS[1:]))
+                     for v, i in zip(videos, rows)])
 
 
 def mean_ci(per_clip):
+    """Mean over clips and its 95% half-interval (0 for a single clip)."""
     per_clip = np.asarray(per_clip, dtype=np.float64)
-    return float(per_clip.mean()), float(1.96 * per_clip.std(ddof=1) / np.sqrt(len(per_clip)))
+    n = len(per_clip)
+    return float(per_clip.mean()), float(1.96 * per_clip.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
 def load(run, args, window):

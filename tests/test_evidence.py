@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 import checkpoints
 import train
@@ -88,6 +89,23 @@ def test_tune_toy_scores_two_checkpoints_paired(tmp_path, capsys):
         mean, ci = results[0][key]
         assert 0 <= mean <= 1 and ci >= 0, key
     assert results[2]["paired"].endswith(str(tf)) and "1x" in results[2]
+
+
+@pytest.mark.slow
+def test_recover_scores_each_corruption_for_each_model(tmp_path, capsys):
+    """experiments/recover.py end to end on the shipped small pair, 2 clips: a row per corruption with both models
+    and their paired difference; with no corruption the prefix is the truth, and the plot and sheet are written."""
+    import recover
+    recover.main(["--clips", "2", "--corruptions", "none", "blank", "--png", str(tmp_path / "p.png"),
+                  "--sheet", str(tmp_path / "s.png"), "--json", str(tmp_path / "r.json")])
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["corruption"] for r in rows] == ["none", "blank"]
+    for r in rows:
+        assert set(r) == {"corruption", "small_tf", "small_rf", "small_rf - small_tf"}
+        assert all(0 <= r[k][0] <= 1 for k in ("small_tf", "small_rf"))
+    assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "s.png").stat().st_size > 1000
+    prefix = recover.corrupt(torch.zeros(1, 6, 3, 4, 4), "blank", 1, 2)
+    assert (prefix[:, 2:4] == -1).all() and (prefix[:, :2] == 0).all() and (prefix[:, 4:] == 0).all()
 
 
 @pytest.mark.slow
