@@ -43,9 +43,7 @@ def video(cfg, x, t, rope_len, history=None, first=0):
     if x.ndim != 5 or x.shape[2] != cfg.in_dim:
         raise ValueError(f"x must be (B, F, {cfg.in_dim}, H, W), got {tuple(x.shape)}")
     B, num_frames, _, H, W = x.shape
-    if H % cfg.patch_size[1] or W % cfg.patch_size[2]:
-        raise ValueError(f"frame size {H}x{W} is not divisible by the patch size "
-                         f"{cfg.patch_size[1:]}: crop or resize frames to a multiple of it")
+    patches_fit(cfg, H, W, "crop or resize frames to a multiple of it")
     if num_frames % cfg.frames_per_chunk:
         raise ValueError(f"{num_frames} frames is not a multiple of "
                          f"frames_per_chunk={cfg.frames_per_chunk}")
@@ -62,9 +60,7 @@ def video(cfg, x, t, rope_len, history=None, first=0):
 def generate_args(cfg, B, num_frames, prefix, H, W, rope_len):
     """generate's arguments, each mistake a one-line ValueError that says what to pass instead."""
     fpc, n_prefix = cfg.frames_per_chunk, 0 if prefix is None else prefix.shape[1]
-    if H % cfg.patch_size[1] or W % cfg.patch_size[2]:
-        raise ValueError(f"frame size {H}x{W} is not divisible by the patch size "
-                         f"{cfg.patch_size[1:]}: pass a size that is a multiple of it")
+    patches_fit(cfg, H, W, "pass a size that is a multiple of it")
     want = (B, cfg.in_dim, H, W)
     if prefix is not None and (prefix.ndim != 5 or (prefix.shape[0], *prefix.shape[2:]) != want):
         raise ValueError(f"prefix must be (B, P, C, H, W) = ({B}, P, {cfg.in_dim}, {H}, {W}), "
@@ -81,3 +77,9 @@ def context(cfg, context):
     """Text features (B, Lt, text_dim) with Lt <= text_len."""
     if context.ndim != 3 or context.shape[-1] != cfg.text_dim or context.shape[1] > cfg.text_len:
         raise ValueError(f"context must be (B, <= {cfg.text_len}, {cfg.text_dim}), got {tuple(context.shape)}")
+
+
+def patches_fit(cfg, H, W, fix):
+    """An H x W frame cuts into whole patches; `fix` says what to do when it does not."""
+    if H % cfg.patch_size[1] or W % cfg.patch_size[2]:
+        raise ValueError(f"frame size {H}x{W} is not divisible by the patch size {cfg.patch_size[1:]}: {fix}")

@@ -15,13 +15,12 @@ and the test files that hold a chosen part in another form. Then it checks the c
 """
 
 import argparse
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from kit.parts import MARKED_FILES, PARTS, ROOT, stub
-from kit.plant import copy_project, project_files
+from kit.plant import copy_project, grade_copy, project_files
 
 INSTRUCTORS_ONLY = ("kit/README.md", "kit/wrong_answers.py", "kit/plant.py", "kit/make_student.py",
                     "tests/test_kit.py")
@@ -59,20 +58,10 @@ def leaked(out, taken):
     return found
 
 
-def grade(out, parts=None):
-    args = [sys.executable, "-m", "kit.grade", "--json", "grade.json"] + (["--part", *parts] if parts else [])
-    run = subprocess.run(args, cwd=out, capture_output=True, text=True)
-    if not (out / "grade.json").exists():
-        raise SystemExit(f"error: the grader did not run in the copy: {run.stderr.strip()[-300:]}")
-    results = json.loads((out / "grade.json").read_text())
-    (out / "grade.json").unlink()
-    return results
-
-
 def self_check(out, chosen, originals):
     """Grade the copy -> a list of problems (empty when the copy is right). originals: the marked files' text."""
     problems, excused = [], set(chosen)        # a part blocked by a missing part (or one it blocks) is fine
-    for name, r in grade(out).items():         # the parts come in order, prerequisites first
+    for name, r in grade_copy(out).items():         # the parts come in order, prerequisites first
         blocker = r["status"].split("(")[-1].rstrip(")") if r["status"].startswith("blocked") else None
         if name in chosen and r["passed"]:
             problems.append(f"part {name} still passes: its lines were not all taken out")
@@ -86,7 +75,7 @@ def self_check(out, chosen, originals):
         for name in chosen:
             for f in MARKED_FILES:
                 (out / f).write_text(stub(originals[f], [name])[0])
-            if grade(out, [name])[name]["status"] != "failed":
+            if grade_copy(out, [name])[name]["status"] != "failed":
                 problems.append(f"part {name} alone: its checks do not fail without it")
         for f, text in stubbed.items():
             (out / f).write_text(text)

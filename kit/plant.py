@@ -55,13 +55,20 @@ def plant(text, wrong):
     return text
 
 
-def rejected_by_checks(copy, part):
-    """-> (the part's checks failed, the grader's line for it). A grader that crashed rejects nothing."""
-    run = subprocess.run([sys.executable, "-m", "kit.grade", "--part", part, "--json", str(copy / "g.json")],
-                         cwd=copy, capture_output=True, text=True)
-    if not (copy / "g.json").exists():
+def grade_copy(copy, parts=None):
+    """Run the grader in a copy of the project -> its results ({part: dict(status, reason, ...)})."""
+    args = [sys.executable, "-m", "kit.grade", "--json", "grade.json"] + (["--part", *parts] if parts else [])
+    run = subprocess.run(args, cwd=copy, capture_output=True, text=True)
+    if not (copy / "grade.json").exists():               # a grader that did not run rejects nothing
         raise SystemExit(f"error: the grader did not run in the copy: {run.stderr.strip()[-300:]}")
-    result = json.loads((copy / "g.json").read_text())[part]
+    results = json.loads((copy / "grade.json").read_text())
+    (copy / "grade.json").unlink()
+    return results
+
+
+def rejected_by_checks(copy, part):
+    """-> (the part's checks failed, the grader's line for it)."""
+    result = grade_copy(copy, [part])[part]
     return result["status"] == "failed", f"{result['status']}: {result['reason']}"
 
 
