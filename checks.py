@@ -57,9 +57,11 @@ def video(cfg, x, t, rope_len, history=None, first=0):
                          f"got {tuple(t.shape)}")
 
 
-def generate_args(cfg, B, num_frames, prefix, H, W, rope_len):
+def generate_args(cfg, B, num_frames, prefix, H, W, rope_len, cfg_scale=1.0, neg_context=None):
     """generate's arguments, each mistake a one-line ValueError that says what to pass instead."""
     fpc, n_prefix = cfg.frames_per_chunk, 0 if prefix is None else prefix.shape[1]
+    if cfg_scale != 1.0 and neg_context is None:
+        raise ValueError("cfg_scale != 1 needs neg_context (the unconditional prompt's features)")
     patches_fit(cfg, H, W, "pass a size that is a multiple of it")
     want = (B, cfg.in_dim, H, W)
     if prefix is not None and (prefix.ndim != 5 or (prefix.shape[0], *prefix.shape[2:]) != want):

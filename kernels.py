@@ -5,6 +5,7 @@ rf.py defines what every attention computes, readably: one mask rule, the router
 attention (own chunk + chosen history chunks, merged through their log-sum-exps). This module computes the same
 numbers faster or in less memory, and tests/test_routing.py proves each path equal to rf.py's reference:
 
+    plain_branches   the two branches of routed attention written plainly: the reference for the tuned paths
     two_branches     both branches of routed attention: the history branch grouped by key block and cut into
                      tiles (one batched matmul), every score in bounded slabs (checkpointed under autograd), and
                      on a CPU without autograd SDPA's fused kernel, which also returns the log-sum-exp
@@ -47,19 +48,13 @@ def routed_backend(attn_backend):
     return "two_branch" if attn_backend == "auto" else attn_backend
 
 
-def routed_attention(backend, q, k, v, selected, chunk, stream, chunk_tokens, rule, two_branch):
-    """rf.routed_attention through a tuned backend: the same numbers as rf's reference.
-
-    q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd); selected: (B, nh, Lq, J); chunk, stream: (Lk,) key ids;
-    rule: rf.may_attend_routed (flex's mask_mod); two_branch: rf.two_branch_attention, which merges the two
-    branches computed here. Returns (B, Lq, nh, hd)."""
-    if backend == "flex":
-        mask = flex_routed_mask(rule, selected, chunk, stream)
-        return flex_attention(*(x.transpose(1, 2) for x in (q, k, v)), mask).transpose(1, 2)
+def routed_branches(backend):
+    """The function computing routed attention's two branches on `backend` (two_branch | varlen | flash), for
+    rf.two_branch_attention, which merges them: the same numbers as rf's dense-mask reference."""
     if backend == "two_branch":
-        return two_branch(q, k, v, selected, chunk_tokens, two_branches)
+        return two_branches
     if backend in KERNELS:
-        return two_branch(q, k, v, selected, chunk_tokens, varlen_backend(backend))
+        return varlen_backend(backend)
     raise ValueError(f"attn_backend={backend!r} for a routed model: choose one of sdpa, two_branch, flex, "
                      f"varlen, flash")
 
@@ -147,8 +142,33 @@ def flex_attention(q, k, v, mask):
 # ----------------------------------------------------------------------------------------------------------------
 # Letters as in rf.py; Nh history chunks of T tokens each; P selected (query, chunk) pairs.
 
+def plain_branches(q, k, v, selected, chunk_tokens):
+    """The two branches written plainly, the reference for the tuned paths: (o, lse) of each, o (B, nh, Lq, hd) and
+    lse (B, nh, Lq) in fp32. q: (B, Lq, nh, hd), whole chunks of chunk_tokens tokens at the end of the keys;
+    k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
+    T, Lq, Nh = chunk_tokens, q.shape[1], selected.shape[-1]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                                   # (B, nh, L, hd)
+    own = [x[:, :, x.shape[2] - Lq:].unflatten(2, (-1, T)) for x in (q, k, v)]          # per chunk
+    o_own, l_own = plain_attention_lse(*own)
+    mask = selected.repeat_interleave(T, dim=-1)
+    history = plain_attention_lse(q, k[:, :, :Nh * T], v[:, :, :Nh * T], mask)
+    return (o_own.flatten(2, 3), l_own.flatten(2, 3)), history
+
+
+def plain_attention_lse(q, k, v, mask=None):
+    """Softmax attention that also returns the log-sum-exp of its scaled scores, written plainly.
+    q: (..., Lq, hd); k, v: (..., Lk, hd); mask: (..., Lq, Lk) bool or None.
+    Returns o (..., Lq, hd) and lse (..., Lq) in fp32; a query with no key gets o = 0, lse = -inf."""
+    s = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()                     # (..., Lq, Lk)
+    if mask is not None:
+        s = s.masked_fill(~mask, -torch.inf)
+    lse = s.logsumexp(-1)                                                              # (..., Lq)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)                            # no key: 0, not nan
+    return (p.to(v.dtype) @ v).float(), lse
+
+
 def two_branches(q, k, v, selected, chunk_tokens):
-    """rf.two_branch_attention's two branches, (o, lse) each with o (B, nh, Lq, hd) fp32 and lse (B, nh, Lq).
+    """plain_branches, tiled and slabbed: (o, lse) each with o (B, nh, Lq, hd) fp32 and lse (B, nh, Lq).
 
     q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks; selected: (B, nh, Lq, Nh)."""
     T, (B, Lq, nh, _), Nh = chunk_tokens, q.shape, selected.shape[-1]
@@ -162,7 +182,7 @@ def two_branches(q, k, v, selected, chunk_tokens):
 
 
 def attention_lse(q, k, v):
-    """rf.attention_lse without a mask, in less memory: on a CPU without autograd SDPA's fused kernel (it returns
+    """plain_attention_lse without a mask, in less memory: on a CPU without autograd SDPA's fused kernel (it returns
     the LSE too, but has no gradient for it), otherwise the plain steps with the score matrix updated in place.
     q: (..., Lq, hd); k, v: (..., Lk, hd) -> o (..., Lq, hd), lse (..., Lq) in fp32."""
     fits_fused = _FUSED_CPU is not None and q.dtype == k.dtype == v.dtype and q.shape[-1] == v.shape[-1]

@@ -120,7 +120,7 @@ def test_rope_positions(model):
     x, t, ctx, _ = rand_inputs(N=2)
     F_ = x.shape[1]
     text_kv = model.encode_text(ctx)
-    mask = model._mask(*rf.block_causal_layout(F_, FPC, "cpu"), S)
+    mask = model._attention_rule(*rf.block_causal_layout(F_, FPC, "cpu"), S)[0]
     pos = torch.arange(F_)
     ref = model._forward(x, t, pos, text_kv, mask, None, n_out=F_)
     assert max_diff(ref, model.forward_causal(x, t, ctx)) <= 1e-6
@@ -310,7 +310,7 @@ def test_flex_backend_equals_sdpa():
     ref_bc, ref_ts = model.forward_causal(x, t, ctx), model(x, t, ctx, history=hist)
     model.attn_backend = "flex"
     layout = rf.block_causal_layout(x.shape[1], FPC, "cpu")
-    assert isinstance(model._mask(*layout, S), rf.BlockMask)
+    assert isinstance(model._attention_rule(*layout, S)[0], rf.BlockMask)
     bc, ts = model.forward_causal(x, t, ctx), model(x, t, ctx, history=hist)
     e_bc, e_ts = rel_err(bc, ref_bc), rel_err(ts, ref_ts)
     assert e_bc <= 1e-5 and e_ts <= 1e-5, (e_bc, e_ts)

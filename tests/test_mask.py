@@ -57,13 +57,13 @@ def test_dense_mask_matches_brute_force(num_chunks, tokens):
 
 
 def test_model_mask_expands_frames_to_tokens(model):
-    """DiT._mask takes ids per frame and expands them per token before applying the rule."""
+    """DiT._attention_rule takes ids per frame and expands them per token before applying the rule."""
     fpc, N, S_ = 2, 3, 4
     chunk_f = torch.arange(N * fpc) // fpc
     hist_f = chunk_f[: (N - 1) * fpc]
     c_f = torch.cat([hist_f, chunk_f])
     s_f = torch.cat([torch.full_like(hist_f, rf.HISTORY), torch.full_like(chunk_f, rf.NOISY)])
-    got = model._mask(c_f, s_f, S_)
+    got = model._attention_rule(c_f, s_f, S_)[0]
     assert got.dtype == torch.bool and got.shape == (len(c_f) * S_,) * 2
     assert torch.equal(got, brute_mask(per_token(c_f.tolist(), S_), per_token(s_f.tolist(), S_)))
 

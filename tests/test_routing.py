@@ -153,7 +153,7 @@ def test_merge_lse_equals_one_softmax_over_the_union():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 5, n, 8, generator=g) * 2 for n in (4, 10, 10))         # logits up to ~20
     union = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    a, b = rf.attention_lse(q, k[:, :, :3], v[:, :, :3]), rf.attention_lse(q, k[:, :, 3:], v[:, :, 3:])
+    a, b = kernels.plain_attention_lse(q, k[:, :, :3], v[:, :, :3]), kernels.plain_attention_lse(q, k[:, :, 3:], v[:, :, 3:])
     o, lse = rf.merge_lse(*a, *b)
     assert rel_err(o, union) <= 1e-5
     assert rel_err(lse, (q @ k.transpose(-1, -2) / math.sqrt(8)).logsumexp(-1)) <= 1e-5
@@ -165,7 +165,7 @@ def test_merge_lse_equals_one_softmax_over_the_union():
     o3, _ = rf.merge_lse(a[0], a[1] + 1000, b[0], b[1] + 1000)
     assert rel_err(o3, union) <= 1e-5
     # many branches at once: three key sets, merged per output row
-    parts = [rf.attention_lse(q, k[:, :, s], v[:, :, s]) for s in (slice(0, 2), slice(2, 7), slice(7, 10))]
+    parts = [kernels.plain_attention_lse(q, k[:, :, s], v[:, :, s]) for s in (slice(0, 2), slice(2, 7), slice(7, 10))]
     rows = q.shape[0] * q.shape[1] * q.shape[2]
     o4, lse4 = kernels.merge_lse_many(torch.cat([o.reshape(rows, 8) for o, _ in parts]),
                                  torch.cat([lse.reshape(rows) for _, lse in parts]),
@@ -174,13 +174,13 @@ def test_merge_lse_equals_one_softmax_over_the_union():
 
 
 def test_attention_lse_fused_kernel_equals_the_readable_one():
-    """Without autograd on a CPU, kernels.attention_lse runs SDPA's fused kernel; rf.attention_lse is the plain
+    """Without autograd on a CPU, kernels.attention_lse runs SDPA's fused kernel; kernels.plain_attention_lse is the plain
     steps. Same numbers, on contiguous tiles and on strided views (the own-chunk branch passes a transposed view)."""
     assert kernels._FUSED_CPU is not None, "no fused CPU kernel in this torch: the test would compare a path with itself"
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) * 2 for n in (6, 10, 10))
     for args in ((q, k, v), tuple(x.transpose(0, 1) for x in (q, k, v))):
-        readable = rf.attention_lse(*args)                       # grad mode on: the plain steps
+        readable = kernels.plain_attention_lse(*args)                       # grad mode on: the plain steps
         with torch.no_grad():
             fused = kernels.attention_lse(*args)
         assert fused[0].shape == readable[0].shape and fused[1].shape == readable[1].shape
@@ -239,7 +239,7 @@ def test_two_branch_in_slabs_equals_one_piece_and_keeps_no_scores(monkeypatch):
 
 
 def test_tuned_branches_equal_the_plain_ones():
-    """kernels.two_branches (tiles, slabs, gathers) against rf.plain_branches (two masked softmaxes, as one would
+    """kernels.two_branches (tiles, slabs, gathers) against kernels.plain_branches (two masked softmaxes, as one would
     write them), and the merged two_branch_attention against the dense-mask reference (the sdpa backend): values
     and gradients. Keys of the cached layout (queries = the last chunk) and of the two-stream one."""
     g = torch.Generator().manual_seed(3)
@@ -254,7 +254,7 @@ def test_tuned_branches_equal_the_plain_ones():
         k, v = (torch.randn(B, Lk, nh, hd, generator=g).requires_grad_() for _ in range(2))
         selected = (torch.rand(B, nh, Lq, Nh, generator=g) < 0.5) & rf.eligible_chunks(chunk[-Lq:], Nh)
         outs = {}
-        for name, branches in (("plain", rf.plain_branches), ("tuned", kernels.two_branches)):
+        for name, branches in (("plain", kernels.plain_branches), ("tuned", kernels.two_branches)):
             o = rf.two_branch_attention(q, k, v, selected, T, branches)
             outs[name] = (o, *torch.autograd.grad(o.square().sum(), (q, k, v)))
         mask = rf.routed_mask(selected, chunk, stream)                                  # (B, nh, Lq, Lk)
@@ -346,7 +346,7 @@ def test_cache_keeps_each_chunks_mean_key():
     for layer in cache.layers:
         assert layer.chunks == 2 and layer.phi.dtype == torch.float
         want = layer.k[:, :2 * T].unflatten(1, (2, T)).mean(2)
-        assert torch.allclose(layer.mean_keys(None), want, atol=1e-6)
+        assert torch.allclose(layer.mean_keys(), want, atol=1e-6)
 
 
 @pytest.mark.parametrize("rule", [dict(top_k=1), dict(top_k=2), dict(window=1, sink=True)])

@@ -93,20 +93,20 @@ def test_packing_indexes_what_it_says():
 @pytest.mark.parametrize("layout", ["cached", "two_stream"])
 @pytest.mark.parametrize("lse_layout", ["heads_first", "tokens_first"])
 def test_varlen_branches_equal_the_plain_ones_and_the_reference(layout, lse_layout):
-    """Each branch (o and LSE) against rf.plain_branches; the merged output and its gradients against plain and
+    """Each branch (o and LSE) against kernels.plain_branches; the merged output and its gradients against plain and
     against the dense-mask reference (the sdpa backend). Queries with no history chunk (the first chunk) included."""
     q, k, v, selected, T, chunk, stream = routed_case(layout)
     kernel = fake_kernel(lse_layout=lse_layout)
     with torch.no_grad():
         got = kernels.varlen_branches(q, k, v, selected, T, kernel)
-        want = rf.plain_branches(q, k, v, selected, T)
+        want = kernels.plain_branches(q, k, v, selected, T)
     for (o, lse), (o_ref, lse_ref) in zip(got, want):
         assert rel_err(o, o_ref) <= 1e-5
         assert torch.equal(lse.isinf(), lse_ref.isinf())                           # -inf: no chunk chosen
         assert rel_err(lse[lse_ref.isfinite()], lse_ref[lse_ref.isfinite()]) <= 1e-5
     assert want[1][1].isinf().any() and want[1][1].isfinite().any()              # both kinds of query present
     ours = out_and_grads(q, k, v, selected, T, lambda *a: kernels.varlen_branches(*a, kernel))
-    plain = out_and_grads(q, k, v, selected, T, rf.plain_branches)
+    plain = out_and_grads(q, k, v, selected, T, kernels.plain_branches)
     ref = rf.attention(q, k, v, rf.routed_mask(selected, chunk, stream))
     sdpa = (ref, *torch.autograd.grad(ref.square().sum(), (q, k, v)))
     for name, a, b, c in zip("o dq dk dv".split(), ours, plain, sdpa):
@@ -136,7 +136,7 @@ def test_without_the_lse_gradient_the_gradients_are_wrong(monkeypatch):
     autograd alone) q's and k's gradients must be wrong, while the values stay right."""
     q, k, v, selected, T, chunk, stream = routed_case("two_stream")
     kernel = fake_kernel()
-    right = out_and_grads(q, k, v, selected, T, rf.plain_branches)
+    right = out_and_grads(q, k, v, selected, T, kernels.plain_branches)
     monkeypatch.setattr(kernels._LSEGrad, "apply", lambda lse, *rest: lse)
     wrong = out_and_grads(q, k, v, selected, T, lambda *a: kernels.varlen_branches(*a, kernel))
     assert rel_err(wrong[0], right[0]) <= 1e-5 and rel_err(wrong[3], right[3]) <= 1e-5   # o and dv need no LSE

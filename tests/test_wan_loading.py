@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+import layers
 import rf
 import wan
 from conftest import TINY_WAN, one_line, rel_err
@@ -249,7 +250,7 @@ def test_saved_bytes_formula_matches_autograd():
     def saved_bytes(frames, side=4):
         x = torch.randn(1, frames * side * side, cfg.dim, requires_grad=True)
         e0 = torch.randn(1, frames, 6, cfg.dim, requires_grad=True)      # modulation inputs need grad in training
-        rope = rf.rope_cos_sin(torch.arange(frames), side, side, cfg.dim // cfg.num_heads)
+        rope = layers.rope_cos_sin(torch.arange(frames), side, side, cfg.dim // cfg.num_heads)
         storages = {}
 
         def pack(t):
