@@ -58,7 +58,7 @@ class Config:
     patch_size: tuple = (1, 2, 2)      # (frames, height, width) per token
     eps: float = 1e-6
     # autoregressive video
-    frames_per_chunk: int = 3          # [RF]
+    frames_per_chunk: int = 3          # [RF] frames denoised together
     frame_size: tuple = (60, 104)      # (H, W) sampled: 480x832 pixels / 8
     # Resampling Forcing (Algorithm 1)
     degrade: str = "autoregressive"    # the history: see degrade_history
