@@ -21,7 +21,7 @@ It imports only torch: rf.py hands it tensors and mask functions, never the othe
 from functools import lru_cache
 
 import torch
-from torch.nn.attention.flex_attention import create_block_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.nn.attention.flex_attention import flex_attention as _flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -118,18 +118,59 @@ def flex_block_mask(rule, chunk: tuple, stream: tuple, device: str):
     return block_mask(mask_mod, None, None, len(chunk), len(chunk), device)
 
 
-def flex_routed_mask(rule, selected, chunk, stream):
-    """rf's routed rule (may_attend_routed) as a BlockMask per batch and head; selected: (B, nh, Lq, Nh). Key blocks
-    no query of a query block chose are skipped; with per-token routing most blocks have some taker, so the saving
-    is coarser than two_branches'. Keys of chunks >= Nh (never anyone's routed past) read a padding column."""
+def flex_routed_mask(rule, selected, chunk, stream, block=128):
+    """rf's routed rule (may_attend_routed) as a BlockMask per batch and head, built from the router's choice: no
+    (Lq, Lk) grid is ever evaluated. selected: (B, nh, Lq, Nh); chunk, stream: (Lk,) key ids, the queries the last Lq.
+
+    The keys fall into segments, runs of one (chunk, stream). Whether a query may read a segment needs only the
+    query's ids and its row of `selected`: a (B, nh, Lq, segments) table, some tens of columns. A query block reads
+    a key block when any of its queries may read a segment there (partial block: mask_mod decides per token); when
+    all of them may read every segment the block holds, the block is full and skips mask_mod. Key blocks no query
+    of a query block chose are never visited; per-token routing leaves few such blocks unless neighbouring queries
+    choose alike. Keys of chunks >= Nh (never anyone's routed past) read a padding column of the table."""
     B, nh, Lq, Nh = selected.shape
+    Lk, dev = len(chunk), chunk.device
     table, col = torch.nn.functional.pad(selected, (0, 1)), chunk.clamp(max=Nh)      # (B, nh, Lq, Nh + 1), (Lk,)
     q_chunk, q_stream = chunk[-Lq:], stream[-Lq:]
 
     def mask_mod(b, h, q, k):
         return rule(q_chunk[q], q_stream[q], chunk[k], stream[k], table[b, h, q, col[k]])
 
-    return block_mask(mask_mod, B, nh, Lq, len(chunk), str(chunk.device))
+    starts = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), (chunk.diff() != 0) | (stream.diff() != 0)])
+    first = starts.nonzero()[:, 0]                                                    # (G,) each segment's first key
+    allowed = rule(q_chunk[:, None], q_stream[:, None], chunk[first], stream[first],
+                   table[..., col[first]])                                            # (B, nh, Lq, G)
+    nq, nk = -(-Lq // block), -(-Lk // block)
+    rows = torch.nn.functional.pad(allowed, (0, 0, 0, nq * block - Lq)).unflatten(2, (nq, block))
+    segment = starts.cumsum(0) - 1                                                    # (Lk,) segment of each key
+    holds = torch.zeros(len(first), nk * block, dtype=torch.float, device=dev)
+    holds[segment, torch.arange(Lk, device=dev)] = 1
+    holds = holds.unflatten(1, (nk, block)).amax(2)                                   # (G, nk): block holds segment
+    some = rows.any(3).float() @ holds > 0                                            # (B, nh, nq, nk)
+    every = (~rows.all(3)).float() @ holds == 0
+    inside = ((torch.arange(nq, device=dev) + 1) * block <= Lq)[:, None] & \
+        ((torch.arange(nk, device=dev) + 1) * block <= Lk)[None]         # a block cut by an end: partial
+    full = some & every & inside
+    partial = some & ~full
+
+    def listed(blocks):                    # (B, nh, nq, nk) bool -> counts, indices (listed blocks first, in order)
+        return blocks.sum(-1, dtype=torch.int32), torch.argsort(~blocks, dim=-1, stable=True).int()
+
+    return BlockMask.from_kv_blocks(*listed(partial), *listed(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(Lq, Lk))
+
+
+def flex_routed_mask_grid(rule, selected, chunk, stream):
+    """flex_routed_mask built the plain way, the reference it is tested against: create_block_mask evaluates the
+    mask_mod on every (query, key) pair, all at once when eager (benchmarks/flex_mask.py times the two)."""
+    B, nh, Lq, Nh = selected.shape
+    table, col = torch.nn.functional.pad(selected, (0, 1)), chunk.clamp(max=Nh)
+    q_chunk, q_stream = chunk[-Lq:], stream[-Lq:]
+
+    def mask_mod(b, h, q, k):
+        return rule(q_chunk[q], q_stream[q], chunk[k], stream[k], table[b, h, q, col[k]])
+
+    return create_block_mask(mask_mod, B, nh, Lq, len(chunk), device=str(chunk.device))
 
 
 def flex_attention(q, k, v, mask):

@@ -355,7 +355,9 @@ class Run:
             self.start = meta["step"]
         dit.grad_checkpointing = train.grad_checkpointing
         if train.compile:                                  # after the EMA copies and the loads: only the trained model
-            kernels.compile_blocks(dit)
+            # NOTE(choice): static shapes, so a resumed run compiles what a straight one does (docs/method.md,
+            # "Compiled training uses static shapes").
+            kernels.compile_blocks(dit, dynamic=False)
         # under torchrun each trained model is wrapped in DDP (which also makes every process start from rank 0's
         # weights)
         self.wrapped = {name: cli.DDP(m, device_ids=[device.index] if device.type == "cuda" else None)

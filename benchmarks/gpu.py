@@ -345,11 +345,16 @@ def routed_checks(rep, rf, device, dtype, tiny):
         ok = max(errs.values()) <= tol and all(torch.isfinite(z).all() for z in got)
         rep.check(f"{dtype} routed attention, {name} vs reference (values, gradients)", "PASS" if ok else "FAIL",
                   note=notes.get(name), tol=tol, **errs)
-    q, k, v = (z.detach() for z in (q, k, v))                          # flex: forward only on a CPU
-    with torch.no_grad():
-        mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
-        rep.compare(f"{dtype} routed attention, flex mask vs reference (forward)", rf.attention(q, k, v, mask), ref[0],
-                    tol)
+    mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)      # from the router's choice
+    if cuda:
+        got = run(lambda: rf.attention(q, k, v, mask))
+        errs = {f"rel_err_{n}": rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), got, ref)}
+        rep.check(f"{dtype} routed attention, flex mask vs reference (values, gradients)",
+                  "PASS" if max(errs.values()) <= tol else "FAIL", tol=tol, **errs)
+    else:                                                              # flex has no backward on a CPU
+        with torch.no_grad():
+            rep.compare(f"{dtype} routed attention, flex mask vs reference (forward)",
+                        rf.attention(*(z.detach() for z in (q, k, v)), mask), ref[0], tol)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -614,9 +619,10 @@ def wan_model(rep, device, tiny):
 
 
 def routed_backends(rep, device):
-    """The routed attention backends that run here, slowest first: two_branch, then the varlen kernels (CUDA)."""
+    """The routed attention backends that run here: two_branch, then on CUDA flex (its BlockMask built from the
+    router's choice, kernels.flex_routed_mask) and the varlen kernels."""
     import kernels
-    backends = ["two_branch"]
+    backends = ["two_branch"] + (["flex"] if device.type == "cuda" else [])
     for name in ("varlen", "flash") if device.type == "cuda" else ():
         try:
             kernels.varlen_backend(name)

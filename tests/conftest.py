@@ -163,3 +163,8 @@ TINY_WAN = dict(dim=64, ffn_dim=128, freq_dim=32, num_heads=2, num_layers=2, tex
 # the tiny Wan2.1 repo of test_wan_t2v.py: latent 4x4 -> 32x32 pixels; chunks of 3 latent frames (the preset's)
 TINY_WAN_T2V = dict(dim=32, ffn_dim=64, freq_dim=32, num_heads=2, num_layers=2, text_len=16, text_dim=32, in_dim=4,
                     out_dim=4, frame_size=(4, 4))
+
+
+def block_lists(mask):
+    """A BlockMask's four block tensors: which key blocks each query block reads, partly and fully."""
+    return [getattr(mask, k) for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]

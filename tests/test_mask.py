@@ -12,7 +12,7 @@ import torch
 import kernels
 import media
 import rf
-from conftest import FPC
+from conftest import FPC, block_lists
 
 
 def brute_mask(chunk_ids, stream_ids):
@@ -92,10 +92,9 @@ def test_mask_ascii():
 def test_compiled_block_masks_equal_eager(monkeypatch):
     """On CUDA the flex masks are built by torch.compile(create_block_mask): eager, it materialises the whole
     (L, L) grid (some 35 GB at Wan's training length). Compiled here on the CPU, both of our mask_mods (the rule's
-    two-stream layout, and routing) must give the same blocks as eager. Inputs span several 128-token blocks."""
-    def blocks(m):
-        return [getattr(m, k) for k in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")]
-
+    two-stream layout, and routing) must give the same blocks as eager. Inputs span several 128-token blocks. (The
+    routed mask the flex backend uses is built from the selection instead, kernels.flex_routed_mask; test_routing
+    checks that it gives these same blocks.)"""
     frames, tokens = 12, 40                                        # 2 streams x 12 frames x 40 = 960 tokens
     chunk = torch.arange(frames) // FPC
     chunk, stream = torch.cat([chunk, chunk]), torch.tensor([rf.HISTORY] * frames + [rf.NOISY] * frames)
@@ -106,11 +105,11 @@ def test_compiled_block_masks_equal_eager(monkeypatch):
     def build():                                                   # __wrapped__: past flex_block_mask's cache
         return (kernels.flex_block_mask.__wrapped__(rf.may_attend, tuple(chunk.tolist()), tuple(stream.tolist()),
                                                      "cpu"),
-                kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream))
+                kernels.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream))
 
     eager = build()
     monkeypatch.setattr(kernels, "create_block_mask", torch.compile(kernels.create_block_mask))
     for want, got in zip(eager, build()):
-        assert all(torch.equal(a, b) for a, b in zip(blocks(want), blocks(got)))
+        assert all(torch.equal(a, b) for a, b in zip(block_lists(want), block_lists(got)))
     routed = eager[1].kv_num_blocks + eager[1].full_kv_num_blocks                          # (1, 2, query blocks)
     assert (routed[0, 0] <= routed[0, 1]).all() and (routed[0, 0] < routed[0, 1]).any()  # per head, as selected

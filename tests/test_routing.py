@@ -13,7 +13,7 @@ import checkpoints
 import kernels
 import media
 import rf
-from conftest import FPC, HW, S, TINY, differs, make_model, rand_inputs, rel_err
+from conftest import FPC, HW, S, TINY, block_lists, differs, make_model, rand_inputs, rel_err
 
 T = FPC * S                           # tokens per chunk
 NEG = dict(cfg_scale=3.0, neg_context=torch.zeros(1, 4, TINY["text_dim"]))   # CFG on: both branches route
@@ -316,6 +316,78 @@ def test_fast_path_and_flex_equal_the_reference(rule):
         assert all(differs(a, b) for a, b in zip(out["sdpa"], dense))
 
 
+def routed_layout(kind, chunks, T):
+    """(chunk, stream) key ids and the number of queries: the two-stream training sequence, or one chunk of queries
+    against the cache's `chunks` finished chunks (the sampler's layout)."""
+    if kind == "two_stream":
+        chunk, stream = two_stream_ids(chunks + 1, T)
+        return chunk, stream, len(chunk)
+    chunk = torch.arange(chunks + 1).repeat_interleave(T)
+    return chunk, torch.full_like(chunk, rf.HISTORY), T
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile.*:UserWarning")
+@pytest.mark.parametrize("kind,chunks,T,rule", [
+    ("two_stream", 4, 40, dict(top_k=2)),           # 360 tokens: chunks and 128-token blocks do not line up
+    ("two_stream", 1, 128, dict(top_k=1)),          # [H_0 ; Z_0 Z_1]: H_0 and Z_0 are one chunk, two streams
+    ("two_stream", 3, 64, dict(window=1, sink=True)),
+    ("cache", 6, 100, dict(top_k=2)),                # one chunk of queries against 700 keys
+    ("cache", 3, 128, dict(top_k=1)),                # whole blocks: some are read fully, skipping the mask_mod
+])
+def test_flex_mask_built_from_the_selection(kind, chunks, T, rule):
+    """kernels.flex_routed_mask builds the routed BlockMask from the router's choice, chunk by chunk: the same
+    blocks, partial and full, as create_block_mask evaluating the rule on every (query, key) pair, and the same
+    attention as the dense-mask reference, without ever evaluating an (Lq, Lk) grid."""
+    B, nh, hd = 2, 2, 16
+    chunk, stream, Lq = routed_layout(kind, chunks, T)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, n, nh, hd, generator=g) for n in (Lq, len(chunk), len(chunk)))
+    selected = rf.route(q, rf.chunk_means(k[:, :chunks * T], T), rf.eligible_chunks(chunk[-Lq:], chunks), **rule)
+    selected[0, 0] = False                                            # one head of one video reads no history
+    largest = []
+
+    def rule_spy(*ids):
+        out = rf.may_attend_routed(*ids)
+        largest.append(out.numel())
+        return out
+
+    kernels.flex_routed_mask(rule_spy, selected, chunk, stream)
+    assert max(largest) <= B * nh * Lq * 2 * (chunks + 1)                  # (Lq, segments), not (Lq, Lk)
+    mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
+    want = kernels.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream)
+    assert all(torch.equal(a, b) for a, b in zip(block_lists(mask), block_lists(want)))
+    if T == 128:
+        assert mask.full_kv_num_blocks.sum() > 0
+    ref = rf.attention(q, k, v, rf.routed_mask(selected, chunk, stream))
+    assert rel_err(rf.attention(q, k, v, mask), ref) <= 1e-5
+    other = kernels.flex_routed_mask(rf.may_attend_routed, ~selected, chunk, stream)   # wrong chunks: other answer
+    assert differs(rf.attention(q, k, v, other), ref)
+
+
+def test_flex_mask_keeps_a_key_block_past_the_end_partial():
+    """A key block the keys do not fill is read through the mask_mod (partial), never as a full block, as
+    create_block_mask has it: 128 queries of chunk 1 against 72 keys of chunk 0 and their own 128."""
+    chunk = torch.cat([torch.zeros(72), torch.ones(128)]).long()
+    stream = torch.full_like(chunk, rf.HISTORY)
+    selected = torch.ones(1, 1, 128, 1, dtype=torch.bool)
+    mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
+    want = kernels.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream)
+    assert all(torch.equal(a, b) for a, b in zip(block_lists(mask), block_lists(want)))
+    assert mask.kv_num_blocks.item() == 1 and mask.full_kv_num_blocks.item() == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*without torch.compile.*:UserWarning")
+def test_cached_sampling_through_the_flex_mask_equals_the_reference():
+    ctx = torch.randn(2, 4, TINY["text_dim"], generator=torch.Generator().manual_seed(7))
+    m = make_model(top_k=1)
+    videos = {}
+    for backend in ("sdpa", "flex"):
+        m.attn_backend = backend
+        videos[backend] = gen(m, ctx, 4 * FPC)
+    assert rel_err(videos["flex"], videos["sdpa"]) <= 1e-5
+    assert differs(videos["flex"], gen(make_model(), ctx, 4 * FPC))                   # routing did something
+
+
 @torch.no_grad()
 def test_history_queries_route_too():
     """In the two-stream forward the H queries route as well, so H_j's features are what the cache will hold:
@@ -431,16 +503,17 @@ def test_sample_routing_plot(tmp_path, capsys):
     assert "dense" in str(e.value.code)
 
 
-def test_compiled_kernels_keep_compiling_past_eight_lengths(monkeypatch):
+def test_compiled_kernels_keep_compiling_past_eight_lengths():
     """Past dynamo's default of 8 compiled variants, flex_attention silently runs eagerly and materialises every
     score (the H100 run: 48 GiB asked for at 21 Wan frames). kernels.compiled raises the limit; counted with dynamo's
-    eager backend, 12 lengths compile 12 times, none falls back."""
+    eager backend, 12 lengths compile 12 times, none falls back. (config.patch, not monkeypatch: undoing a
+    monkeypatch on dynamo's config left the setting missing for later tests.)"""
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    torch._dynamo.reset()
-    counters.clear()
-    fn = kernels.compiled(lambda x: x * 2 + 1, backend="eager", dynamic=False)
-    assert torch._dynamo.config.recompile_limit >= kernels.RECOMPILE_LIMIT
-    for n in range(1, 13):
-        assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
-    assert counters["stats"]["unique_graphs"] == 12
+    with torch._dynamo.config.patch(recompile_limit=8):
+        torch._dynamo.reset()
+        counters.clear()
+        fn = kernels.compiled(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+        assert torch._dynamo.config.recompile_limit >= kernels.RECOMPILE_LIMIT
+        for n in range(1, 13):
+            assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
+        assert counters["stats"]["unique_graphs"] == 12
