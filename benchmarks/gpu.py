@@ -9,15 +9,16 @@ Sections, each standing alone (a failure prints FAIL with the error and where, a
   a  CUDA correctness in fp32 and bf16: flex against dense-mask SDPA (block-causal and two-stream forwards, the
      gradients of a Resampling Forcing loss), cached against uncached generate, routed attention (flex mask,
      two_branch, varlen, flash) against the dense-mask reference
-  b  the toy on the GPU: training steps/s, teacher forcing and Resampling Forcing, and what experiments/evidence.py
-     --scale gpu would take at that speed
+  b  the toy on the GPU: training steps/s, teacher forcing and Resampling Forcing, eager, with compiled blocks and
+     with compiled blocks replayed as CUDA graphs, and what experiments/evidence.py --scale gpu would take
   c  Wan2.1-1.3B with random weights at 480x832 in bf16: the forward of 21 latent frames (ours; diffusers' when it
      imports; TFLOP/s against the counted FLOPs), one Resampling Forcing step at 81 frames (time, peak memory),
      chunk-by-chunk sampling with CFG (seconds per chunk, dense and top-5 through the fastest routed backend there),
-     routed attention at 20 history chunks; the forward and dense sampling again with compiled blocks
-     (kernels.compile_blocks), each checked against the eager result
-On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes, and d, b and c with --profile 7.8 minutes: the
-whole script does not fit in 10 minutes. Pass --skip a b to run section c alone when time is short; --profile
+     routed attention at 20 history chunks (two_branch, flex with its mask built from the router's choice, varlen,
+     flash), one Euler step of a 15 s video's last chunk, dense and top-5; the forward and dense sampling again
+     with compiled blocks (kernels.compile_blocks), each checked against the eager result
+On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes, and d, b and c with --profile 7.8 minutes, before
+the CUDA-graph, flex and 15 s checks were added: the whole script does not fit in 10 minutes. Pass --skip a b to run section c alone when time is short; --profile
 adds profiles.txt.
 No downloads; PyTorch 2.9 or later (what is newer, like torch's varlen_attn, is looked up and skipped if absent).
 In --tiny mode, what needs CUDA runs on what the CPU has (flex eager and forward only; varlen through a plain
@@ -51,6 +52,7 @@ TARGETS = {
     "video_5s": "5 s 480x832 video (7 chunks of 3 latent frames, 32 Euler steps, CFG) <= 40 s; FLOPs alone ~16 s",
     "top5": "top-5 routed attention at 20 history chunks <= 0.4x dense",
     "chunk32": "chunk 32 against chunk 4 with routing <= 1.3x",
+    "video_15s": "a 15 s video (21 chunks) with top-5 faster than dense: per Euler step of its last chunk < 1x",
 }
 TINY_WAN = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=32, text_dim=64, frame_size=(8, 8))
 
@@ -397,28 +399,36 @@ def toy(rep, device, tiny):
         rep.check(f"training steps/s at batch {B}", "PASS", teacher_forcing=rate[B, "none"],
                   resampling_forcing=rate[B, "autoregressive"],
                   ratio_rf_over_tf=rate[B, "none"] / rate[B, "autoregressive"])
-    # the same steps with every block compiled (train.py --compile): first one Resampling Forcing loss and its
-    # gradients against the eager model's (the self-resampling rollout goes through the KV cache), then the speed
+    # the same steps with every block compiled as train.py --compile does (static shapes), then on CUDA also with
+    # CUDA graphs (mode reduce-overhead: each compiled piece replayed as one graph, no per-kernel launches): first
+    # one Resampling Forcing loss and its gradients against the eager model's (the self-resampling rollout goes
+    # through the KV cache), then the speed
     B = batches[1]
-    eager, compiled = toy_model(rf, device, tiny), toy_model(rf, device, tiny)
-    kernels.compile_blocks(compiled, **compile_options(tiny))
-    x, _, ctx, _ = toy_inputs(compiled.cfg, B, 8, device)
-    grads = []
-    for model in (eager, compiled):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _, _ = rf.training_loss(model, x.clamp(-1, 1), ctx, "autoregressive",
-                                          generator=torch.Generator().manual_seed(0))
-        loss.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        model.zero_grad(set_to_none=True)
-    rep.compare("compiled blocks vs eager: gradients of a Resampling Forcing loss", grads[1], grads[0],
-                TOL["bf16"] if device.type == "cuda" else TOL["fp32"])
-    del eager
-    step = training_step(compiled, x.clamp(-1, 1), ctx, device)
-    fast = {mode: 1 / timed(lambda: step(mode), device, repeats) for mode in ("none", "autoregressive")}
-    rep.check(f"training steps/s at batch {B}, compiled blocks", "PASS", teacher_forcing=fast["none"],
-              resampling_forcing=fast["autoregressive"], speedup_tf=fast["none"] / rate[B, "none"],
-              speedup_rf=fast["autoregressive"] / rate[B, "autoregressive"])
+    variants = [("compiled blocks", {})]
+    if device.type == "cuda":
+        variants.append(("compiled blocks, CUDA graphs", {"mode": "reduce-overhead"}))
+    for label, options in variants:
+        eager, compiled = toy_model(rf, device, tiny), toy_model(rf, device, tiny)
+        torch._dynamo.reset()
+        kernels.compile_blocks(compiled, dynamic=False, **{**compile_options(tiny), **options})
+        x, _, ctx, _ = toy_inputs(compiled.cfg, B, 8, device)
+        grads = []
+        for model in (eager, compiled):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss, _, _ = rf.training_loss(model, x.clamp(-1, 1), ctx, "autoregressive",
+                                              generator=torch.Generator().manual_seed(0))
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+            model.zero_grad(set_to_none=True)
+        rep.compare(f"{label} vs eager: gradients of a Resampling Forcing loss", grads[1], grads[0],
+                    TOL["bf16"] if device.type == "cuda" else TOL["fp32"])
+        del eager
+        step = training_step(compiled, x.clamp(-1, 1), ctx, device)
+        fast = {mode: 1 / timed(lambda: step(mode), device, repeats) for mode in ("none", "autoregressive")}
+        rep.check(f"training steps/s at batch {B}, {label}", "PASS", teacher_forcing=fast["none"],
+                  resampling_forcing=fast["autoregressive"], speedup_tf=fast["none"] / rate[B, "none"],
+                  speedup_rf=fast["autoregressive"] / rate[B, "autoregressive"],
+                  ratio_rf_over_tf=fast["none"] / fast["autoregressive"])
     # evidence --scale gpu: a teacher-forcing warm-up, then per method the rest of the steps; 2 of its methods
     # (tf, noise) cost a teacher-forcing step, the other 6 (parallel, the autoregressive ones) at most an RF step
     B = gpu["batch_size"] if gpu["batch_size"] in batches else batches[-1]
@@ -616,6 +626,7 @@ def wan_model(rep, device, tiny):
                     first_chunk=rel_err(a[:, :fpc], b[:, :fpc]), last_chunk=rel_err(a[:, -fpc:], b[:, -fpc:]))
 
     routed_speed(rep, device, tiny, cfg, S, backends)
+    long_video_step(rep, device, tiny, cfg, helpers, context, backends)
 
 
 def routed_backends(rep, device):
@@ -670,6 +681,47 @@ def routed_speed(rep, device, tiny, cfg, S, backends):
                   <= 1.3 else "FAIL", target=TARGETS["chunk32"], ratio=late / early,
                   note="attention only: the layer's other work is the same at every chunk, so the whole chunk's "
                        "ratio is lower")
+
+
+def long_video_step(rep, device, tiny, cfg, helpers, context, backends):
+    """A 15 s video's last chunk (chunk 21 after 20 in the cache): seconds per Euler step with CFG, the whole model,
+    dense against top-5 through each routed backend. Per step, because the whole video does not fit the GPU's time:
+    21 chunks x 32 steps of it (the cache's re-encodes aside) is the video."""
+    import rf
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    history, repeats = (3, 1) if tiny else (20, 3)
+    fpc, (H, W) = cfg.frames_per_chunk, cfg.frame_size
+    text = torch.cat([context, torch.zeros_like(context)])                     # CFG: [cond ; uncond]
+    seconds = {}
+    for label, over, backend in (("dense", {}, "auto"), *((f"top-5 {b}", {"top_k": 5}, b) for b in backends)):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = helpers.bf16_like_load_wan(rf.DiT(rf.Config(**{**vars(cfg), **over})), dtype).eval()
+        model.attn_backend = backend
+        g = torch.Generator().manual_seed(0)
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                text_kv = model.encode_text(text)
+                cache = rf.KVCache(model, (history + 1) * fpc, (H, W))
+                zeros = torch.zeros(2, fpc, device=device)
+                for _ in range(history):                     # finished chunks: random frames, re-encoded at t = 0
+                    x = torch.randn(1, fpc, cfg.in_dim, H, W, generator=g).to(device).expand(2, -1, -1, -1, -1)
+                    model.forward_chunk(x, zeros, text_kv, cache, commit=True)
+                x = torch.randn(1, fpc, cfg.in_dim, H, W, generator=g).to(device).expand(2, -1, -1, -1, -1)
+                seconds[label] = timed(lambda: model.forward_chunk(x, zeros + 0.5, text_kv, cache), device, repeats)
+        except Exception as e:                                           # noqa: BLE001 -- reported as FAIL
+            rep.check(f"15 s video, last chunk, {label}", "FAIL", error=one_line(e))
+        finally:
+            del model
+            if cuda:
+                torch.cuda.empty_cache()
+    for label, s in seconds.items():
+        if label != "dense" and "dense" in seconds:
+            ratio = s / seconds["dense"]
+            rep.check(f"15 s video, chunk {history + 1}: one Euler step with CFG, {label} vs dense", "PASS" if tiny
+                      or ratio < 1 else "FAIL", target=TARGETS["video_15s"], ratio=ratio, dense_ms=seconds["dense"]
+                      * 1e3, top5_ms=s * 1e3, note="tiny: CPU time, no target" if tiny else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     names = [c["name"] for s in report["sections"] for c in s["checks"]]
     for expected in ("two-stream forward, flex vs sdpa", "routed attention, varlen vs reference",
                      "generate, cached vs uncached", "training steps/s", "forward, ours", "Resampling Forcing step",
-                     "sampling, top-5", "evidence --scale gpu"):
+                     "sampling, top-5", "evidence --scale gpu", "15 s video, chunk"):
         assert any(expected in n for n in names), expected
     assert "PASS" in run.stdout and "FAIL" not in run.stdout
     # --profile: where the time of each timed call goes, one table per call
