@@ -9,8 +9,9 @@ numbers faster or in less memory, and tests/test_routing.py proves each path equ
     two_branches     both branches of routed attention: the history branch grouped by key block and cut into
                      tiles (one batched matmul), every score in bounded slabs (checkpointed under autograd), and
                      on a CPU without autograd SDPA's fused kernel, which also returns the log-sum-exp
-    flex_attention   torch's flex_attention, compiled once on CUDA, with BlockMasks of rf's mask rule built by
-                     a compiled create_block_mask (flex_block_mask, flex_routed_mask)
+    flex_attention   torch's flex_attention, compiled once on CUDA, with BlockMasks of rf's mask rule: built by
+                     a compiled create_block_mask (flex_block_mask), or for routing from the router's choice
+                     (flex_routed_mask)
     varlen_branches  the same two branches through a varlen kernel that returns the LSE (the paper's fast path):
                      torch's varlen_attn or flash-attn's flash_attn_varlen_func, CUDA only (attn_backend varlen |
                      flash); tests/test_varlen.py proves the packing and merge with a CPU stand-in of the kernel
