@@ -346,16 +346,17 @@ class DiT(nn.Module):
         stream = torch.cat([torch.full_like(chunk[:n_hist], HISTORY),
                             torch.full_like(chunk[n_hist:], NOISY)])
         # [end: two_stream]
-        rule = self._attention_rule(chunk, stream, self.tokens_per_frame(*x.shape[-2:]))
-        return self._forward(frames, t_all, pos, self.encode_text(context), *rule, n_out=num_frames)
+        mask, routing = self._attention_rule(chunk, stream, self.tokens_per_frame(*x.shape[-2:]))
+        return self._forward(frames, t_all, pos, self.encode_text(context), mask, routing,
+                             n_out=num_frames)
 
     def forward_causal(self, x, t, context):
         """Block-causal: chunk i sees chunks <= i, each frame at its own t. Shapes as in forward."""
         checks.video(self.cfg, x, t, ROPE_LEN)
         layout = block_causal_layout(x.shape[1], self.cfg.frames_per_chunk, x.device)
-        S, pos = self.tokens_per_frame(*x.shape[-2:]), torch.arange(x.shape[1], device=x.device)
-        return self._forward(x, t, pos, self.encode_text(context),
-                             *self._attention_rule(*layout, S), n_out=x.shape[1])
+        mask, routing = self._attention_rule(*layout, self.tokens_per_frame(*x.shape[-2:]))
+        pos = torch.arange(x.shape[1], device=x.device)
+        return self._forward(x, t, pos, self.encode_text(context), mask, routing, n_out=x.shape[1])
 
     def forward_chunk(self, x, t, text_kv, cache, commit=False):
         """One chunk against the KV cache (section 5): it sees itself and the finished chunks.
@@ -367,8 +368,8 @@ class DiT(nn.Module):
         pos = torch.arange(cache.frames, cache.frames + fpc, device=x.device)
         layout = block_causal_layout(cache.frames + fpc, fpc, x.device)
         # the rule allows every cached key: no mask, unless routing narrows them
-        rule = self._attention_rule(*layout, S) if self.cfg.routed else (None, None)
-        v = self._forward(x, t, pos, text_kv, *rule, n_out=fpc, cache=cache)
+        mask, routing = self._attention_rule(*layout, S) if self.cfg.routed else (None, None)
+        v = self._forward(x, t, pos, text_kv, mask, routing, n_out=fpc, cache=cache)
         if commit:
             cache.commit(fpc, tokens=fpc * S)
         return v
@@ -575,8 +576,7 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
     noise           x_tau, tau ~ U(0, noise_aug_max) per video
     parallel        all chunks resampled from x_{t_s} at once, given the ground truth
     autoregressive  the method: chunk i resampled given the resampled chunks < i"""
-    cfg = model.cfg
-    B, num_frames = clip.shape[:2]
+    cfg, (B, num_frames) = model.cfg, clip.shape[:2]
     if mode == "none":
         return clip
     if mode == "noise":
