@@ -128,15 +128,11 @@ def flex_routed_mask(rule, selected, chunk, stream, block=128):
     a key block when any of its queries may read a segment there (partial block: mask_mod decides per token); when
     all of them may read every segment the block holds, the block is full and skips mask_mod. Key blocks no query
     of a query block chose are never visited; per-token routing leaves few such blocks unless neighbouring queries
-    choose alike. Keys of chunks >= Nh (never anyone's routed past) read a padding column of the table."""
+    choose alike."""
     B, nh, Lq, Nh = selected.shape
     Lk, dev = len(chunk), chunk.device
-    table, col = torch.nn.functional.pad(selected, (0, 1)), chunk.clamp(max=Nh)      # (B, nh, Lq, Nh + 1), (Lk,)
+    mask_mod, table, col = routed_mask_mod(rule, selected, chunk, stream)
     q_chunk, q_stream = chunk[-Lq:], stream[-Lq:]
-
-    def mask_mod(b, h, q, k):
-        return rule(q_chunk[q], q_stream[q], chunk[k], stream[k], table[b, h, q, col[k]])
-
     starts = torch.cat([torch.ones(1, dtype=torch.bool, device=dev), (chunk.diff() != 0) | (stream.diff() != 0)])
     first = starts.nonzero()[:, 0]                                                    # (G,) each segment's first key
     allowed = rule(q_chunk[:, None], q_stream[:, None], chunk[first], stream[first],
@@ -164,14 +160,22 @@ def flex_routed_mask(rule, selected, chunk, stream, block=128):
 def flex_routed_mask_grid(rule, selected, chunk, stream):
     """flex_routed_mask built the plain way, the reference it is tested against: create_block_mask evaluates the
     mask_mod on every (query, key) pair, all at once when eager (benchmarks/flex_mask.py times the two)."""
-    B, nh, Lq, Nh = selected.shape
-    table, col = torch.nn.functional.pad(selected, (0, 1)), chunk.clamp(max=Nh)
+    B, nh, Lq, _ = selected.shape
+    mask_mod = routed_mask_mod(rule, selected, chunk, stream)[0]
+    return create_block_mask(mask_mod, B, nh, Lq, len(chunk), device=str(chunk.device))
+
+
+def routed_mask_mod(rule, selected, chunk, stream):
+    """The routed rule as flex's mask_mod(b, h, q, k), with the table it reads: `selected` (B, nh, Lq, Nh) padded
+    with a column of False that keys of chunks >= Nh (never anyone's routed past) read, and each key's column."""
+    Lq, Nh = selected.shape[-2:]
+    table, col = torch.nn.functional.pad(selected, (0, 1)), chunk.clamp(max=Nh)      # (B, nh, Lq, Nh + 1), (Lk,)
     q_chunk, q_stream = chunk[-Lq:], stream[-Lq:]
 
     def mask_mod(b, h, q, k):
         return rule(q_chunk[q], q_stream[q], chunk[k], stream[k], table[b, h, q, col[k]])
 
-    return create_block_mask(mask_mod, B, nh, Lq, len(chunk), device=str(chunk.device))
+    return mask_mod, table, col
 
 
 def flex_attention(q, k, v, mask):
