@@ -668,9 +668,12 @@ def routed_speed(rep, device, tiny, cfg, S, backends):
                 rep.profiled(f"attention at {Nh} history chunks, {backend}", fn, device)
         return seconds
 
-    n20, n31, n3 = (3, 4, 1) if tiny else (20, 31, 3)
-    dense = time_attention(n20, "dense")
+    n20, n31, n3, n6 = (3, 4, 1, 2) if tiny else (20, 31, 3, 6)
+    dense, dense_5s = time_attention(n20, "dense"), time_attention(n6, "dense")
     for backend in backends:
+        ratio_5s = time_attention(n6, backend) / dense_5s
+        rep.check(f"attention, top-5 {backend} vs dense at {n6} history chunks (a 5 s video's last chunk)", "PASS",
+                  ratio=ratio_5s, dense_ms=dense_5s * 1e3)
         top5 = time_attention(n20, backend)
         ratio = top5 / dense
         rep.check(f"attention, top-5 {backend} vs dense at {n20} history chunks (one layer, one chunk, CFG)",
