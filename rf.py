@@ -4,24 +4,21 @@ rf.py -- Resampling Forcing: the method in one file.
 Y. Guo et al., "End-to-End Training for Autoregressive Video Diffusion via Self-Resampling",
 arXiv 2512.15702 (2025), on Wan2.1-T2V-1.3B (arXiv 2503.20314).
 
-A video is made chunk by chunk, each chunk denoised while it attends to the finished ones. Trained
-on a ground-truth history (teacher forcing), the model never meets its own mistakes. Resampling
-Forcing trains on a history the model degraded itself: each history chunk noised to t_s and
-denoised back, without gradient, given the chunks degraded before it. One forward, one loss.
+A video is made chunk by chunk, each chunk attending to the finished ones. Teacher forcing trains
+on a ground-truth history; Resampling Forcing on a history the model degraded itself: each history
+chunk noised to t_s and denoised back (no gradient), given the chunks degraded before it.
 
 Sections: 1 config, 2 flow matching, 3 the mask rule, 4 the DiT (Wan's norms and RoPE: layers.py),
-5 sampling with a KV cache, 6 Resampling Forcing (Algorithm 1), 7 history routing, which section 4
-calls when it is on. Stop before 7 and you have read the whole dense method.
+5 sampling with a KV cache, 6 Resampling Forcing (Algorithm 1), 7 history routing (optional).
 
 Conventions (one meaning per name)
-    B batch, F frames, C channels, H x W frame size (Wan: latents, 8x smaller; toy: pixels)
-    N chunks, J history chunks, L tokens, S tokens a frame, D width, nh heads, hd head width
-    fpc frames per chunk; Fp frames in one forward (history and noisy frames)
+    B batch, F frames, C channels, H x W frame size; N chunks, J history chunks
+    L tokens, S tokens a frame, D width, nh heads, hd head width
+    fpc frames per chunk; Fp frames in one forward (history and noisy)
     videos (B, F, C, H, W); noise levels t (B, F), one per frame, equal within a chunk
     t = 0 clean, t = 1 noise; x_t = (1 - t) x0 + t eps; the model predicts v = eps - x0
     a chunk: frames_per_chunk frames made together (the paper's "frame")
-    [RF] marks a departure from Wan2.1: `grep -n "\\[RF\\]" rf.py`
-    `# [part: NAME]` to `# [end: NAME]`: what a student writes in the course kit (kit/)
+    [RF] marks a departure from Wan2.1; `# [part: NAME]`: a course-kit part (kit/)
 """
 
 import math
@@ -38,14 +35,14 @@ import checks
 import kernels
 from layers import LayerNorm, RMSNorm, apply_rope, fp32, rope_cos_sin, sinusoid
 
-ROPE_LEN = 1024  # positions in Wan's RoPE table: at most 1024 (latent) frames
+ROPE_LEN = 1024  # Wan's RoPE table: at most 1024 (latent) frames
 
 
 # -- 1. Config and presets --
 
 @dataclass
 class Config:
-    # Wan2.1 DiT, with the field names of Wan's config.json
+    # Wan2.1's DiT, named as in its config.json
     dim: int = 1536
     ffn_dim: int = 8960
     freq_dim: int = 256
@@ -90,13 +87,13 @@ TRAIN_T = ("uniform", "logit_normal")
 
 PRESETS = {
     # For a 2-core CPU: 16x16 RGB frames (the pixels are the latents), 4x4 patches.
-    # NOTE(choice): training t shifted by 3 toward noise (docs/method.md, "The toy's training t").
+    # NOTE(choice): t shifted by 3 toward noise (docs/method.md, "The toy's training t").
     "toy": dict(dim=128, ffn_dim=512, freq_dim=64, num_heads=4, num_layers=4, text_len=8,
                 text_dim=64, in_dim=3, out_dim=3, patch_size=(1, 4, 4), frames_per_chunk=2,
                 frame_size=(16, 16), train_shift=3.0, sample_steps=16, sample_shift=1.0,
                 sample_cfg=3.0),
     # The real model: 1,418,996,800 parameters, 825 checkpoint keys.
-    # NOTE(choice): Wan's training t is uniform shifted by 5 (docs/method.md, "Wan's training t").
+    # NOTE(choice): t uniform, shifted by 5 (docs/method.md, "Wan's training t").
     "wan2.1-t2v-1.3b": dict(train_t="uniform", train_shift=5.0),
 }
 
@@ -107,7 +104,7 @@ def preset(name: str, **overrides) -> Config:
     return Config(**{**PRESETS[name], **overrides})
 
 
-# -- 2. Flow matching (rectified flow): x_t = (1 - t) x0 + t eps, v = eps - x0 --
+# -- 2. Flow matching (rectified flow) --
 
 def add_noise(x0, eps, t):
     """Eq. 3, one noise level per frame.
@@ -123,14 +120,14 @@ def shift_t(t, s):
 
 
 def draw(fn, shape, generator=None):
-    """fn(shape), fn = torch.rand | torch.randn; generator may also be a train.BatchSlice."""
+    """fn(shape), fn = torch.rand | randn; the generator may be a train.BatchSlice."""
     if generator is None or isinstance(generator, torch.Generator):
         return fn(shape, generator=generator)
     return generator.draw(fn, shape)
 
 
 def randn_like(x, generator):
-    """Noise shaped like x, drawn on the CPU: one seed, the same numbers on every device."""
+    """Noise like x, drawn on the CPU: the same numbers on every device."""
     return draw(torch.randn, x.shape, generator).to(x.device, x.dtype)
 
 
@@ -139,21 +136,21 @@ def logit_normal(shape, generator=None):
 
 
 def sample_train_t(cfg: Config, batch, num_chunks, generator=None):
-    """Algorithm 1, line 6: one training t per chunk, independent across chunks -> (B, N)."""
-    # NOTE(choice): the paper does not say how t^i is drawn (docs/method.md, "The training t^i").
+    """Algorithm 1, line 6: one training t per chunk, each drawn apart -> (B, N)."""
+    # NOTE(choice): t^i uniform (docs/method.md, "The training t^i").
     shape, uniform = (batch, num_chunks), cfg.train_t == "uniform"
     u = draw(torch.rand, shape, generator) if uniform else logit_normal(shape, generator)
     return shift_t(u, cfg.train_shift)
 
 
 def time_grid(steps, shift):
-    """The sampler's Euler grid from 1 (noise) to 0: shift_t(1 - k / steps), k = 0..steps."""
+    """The sampler's Euler grid, shifted, from 1 (noise) to 0."""
     return shift_t(torch.linspace(1, 0, steps + 1, dtype=torch.float64), shift).float()
 
 
 def euler(velocity, x, grid):
     """Integrate dx/dt = v (Eq. 2) from grid[0] down to grid[-1].
-    velocity: callable (x, t) -> v, with t of shape (B, F)
+    velocity: (x, t) -> v, t of shape (B, F)
     x:        (B, F, C, H, W) at time grid[0]
     grid:     (steps + 1, B), one grid per video"""
     # [part: sampler]
@@ -165,8 +162,8 @@ def euler(velocity, x, grid):
 
 
 # -- 3. Who sees whom: one rule for every layout --
-# Every token has a chunk and a stream. The two-stream training forward [RF] lays out [history ;
-# noisy]: HISTORY chunks at t = 0, NOISY chunks being denoised; block-causal ones are all HISTORY.
+# Every token has a chunk and a stream. The two-stream forward [RF] lays out [history ; noisy];
+# the block-causal forward is all HISTORY.
 
 HISTORY, NOISY = 0, 1
 
@@ -193,24 +190,24 @@ def block_causal_layout(num_frames, fpc, device):
 
 
 def dense_mask(chunk, stream):
-    """(L,) chunk and stream id per token -> (L, L) bool, True = may attend (SDPA's convention)."""
+    """(L,) chunk and stream ids -> (L, L) bool, True = may attend (as SDPA reads it)."""
     return may_attend(chunk[:, None], stream[:, None], chunk[None, :], stream[None, :])
 
 
 def attention(q, k, v, mask=None):
-    """Softmax attention, scale 1/sqrt(hd). Returns (B, Lq, nh, hd).
+    """Softmax attention. Returns (B, Lq, nh, hd).
     q:    (B, Lq, nh, hd)
     k, v: (B, Lk, nh, hd)
-    mask: None (all keys), a bool (Lq, Lk) tensor, or a flex BlockMask of the same rule"""
+    mask: None (all keys), a bool (Lq, Lk) tensor or a flex BlockMask"""
     fn = kernels.flex_attention if isinstance(mask, BlockMask) else F.scaled_dot_product_attention
     return fn(*(x.transpose(1, 2) for x in (q, k, v)), mask).transpose(1, 2)       # via (B, nh, L, hd)
 
 
 # -- 4. The Wan2.1 DiT --
-# Module names are the checkpoint's keys. As in Wan, some math stays fp32 under bf16 autocast.
+# Module names are the checkpoint's keys; as in Wan, some math stays fp32 under autocast.
 
 def modulate(x, shift, scale):
-    """x * (1 + scale) + shift, one (shift, scale) per frame [RF] for its S tokens.
+    """x * (1 + scale) + shift, one (shift, scale) per frame [RF].
     x:            (B, L, D)
     shift, scale: (B, Fp, 1, D)"""
     # [part: frame_t]
@@ -248,7 +245,7 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(SelfAttention):
     def kv(self, context):
-        """Text keys and values: they depend only on the prompt (once per video)."""
+        """Text K/V: they depend only on the prompt."""
         return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
 
     def forward(self, x, text_kv):
@@ -290,7 +287,7 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, t_emb):
-        # t_emb: (B, Fp, D), the time embedding before SiLU and projection
+        # t_emb: (B, Fp, D), before the SiLU and projection
         with fp32(x.device.type):
             m = self.modulation.unsqueeze(0) + t_emb.float().unsqueeze(2)            # (B, Fp, 2, D)
             shift, scale = m.unsqueeze(3).unbind(2)
@@ -313,11 +310,11 @@ class DiT(nn.Module):
         self.head = Head(cfg)
         self.grad_checkpointing = False  # recompute each block in backward: less memory
         self.attn_backend = "auto"       # see kernels.ATTN_BACKENDS
-        self.routing_log = None          # sees every routing choice (media.RoutingLog)
+        self.routing_log = None          # media.RoutingLog sees every choice
         self.init_weights()
 
     def init_weights(self):
-        """Wan's initialisation (the toy trains from it; real runs load weights instead)."""
+        """Wan's initialisation, which the toy trains from."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -333,7 +330,7 @@ class DiT(nn.Module):
         x:       (B, F, C, H, W) noisy frames
         t:       (B, F) their noise levels
         context: (B, Lt, text_dim) text features
-        history: (B, F, C, H, W) what the chunks are conditioned on (ground truth or degraded)"""
+        history: (B, F, C, H, W) the ground truth or a degraded copy"""
         checks.video(self.cfg, x, t, ROPE_LEN, history)
         B, num_frames = x.shape[:2]
         dev, fpc = x.device, self.cfg.frames_per_chunk
@@ -351,7 +348,7 @@ class DiT(nn.Module):
                              n_out=num_frames)
 
     def forward_causal(self, x, t, context):
-        """Block-causal: chunk i sees chunks <= i, each frame at its own t. Shapes as in forward."""
+        """Block-causal: chunk i sees chunks <= i. Shapes as in forward."""
         checks.video(self.cfg, x, t, ROPE_LEN)
         layout = block_causal_layout(x.shape[1], self.cfg.frames_per_chunk, x.device)
         mask, routing = self._attention_rule(*layout, self.tokens_per_frame(*x.shape[-2:]))
@@ -359,15 +356,15 @@ class DiT(nn.Module):
         return self._forward(x, t, pos, self.encode_text(context), mask, routing, n_out=x.shape[1])
 
     def forward_chunk(self, x, t, text_kv, cache, commit=False):
-        """One chunk against the KV cache (section 5): it sees itself and the finished chunks.
-        x:       (B, fpc, C, H, W) at t: (B, fpc); returns v like x
+        """One chunk against the KV cache (section 5). Returns v like x.
+        x:       (B, fpc, C, H, W) at t: (B, fpc)
         text_kv: encode_text(context)
-        cache:   a KVCache; commit=True keeps this chunk's K/V (a finished chunk, at t = 0)"""
+        cache:   a KVCache; commit=True keeps this chunk's K/V (finished, at t = 0)"""
         fpc, S = x.shape[1], self.tokens_per_frame(*x.shape[-2:])
         checks.video(self.cfg, x, t, ROPE_LEN, first=cache.frames)
         pos = torch.arange(cache.frames, cache.frames + fpc, device=x.device)
         layout = block_causal_layout(cache.frames + fpc, fpc, x.device)
-        # the rule allows every cached key: no mask, unless routing narrows them
+        # every cached key is allowed, unless routing narrows them
         mask, routing = self._attention_rule(*layout, S) if self.cfg.routed else (None, None)
         v = self._forward(x, t, pos, text_kv, mask, routing, n_out=fpc, cache=cache)
         if commit:
@@ -385,7 +382,7 @@ class DiT(nn.Module):
         return (H // self.cfg.patch_size[1]) * (W // self.cfg.patch_size[2])
 
     def _forward(self, frames, t, pos, text_kv, mask, routing, n_out, cache=None):
-        """The layers, for any layout; the velocity of the last n_out frames (B, n_out, C, H, W).
+        """The layers, for any layout -> v of the last n_out frames.
         frames: (B, Fp, C, H, W)
         t:      (B, Fp) their noise levels
         pos:    (Fp,) their RoPE frame positions"""
@@ -400,7 +397,7 @@ class DiT(nn.Module):
         rope = rope_cos_sin(pos, h, w, self.cfg.dim // self.cfg.num_heads)
         for i, block in enumerate(self.blocks):
             args = (x, t_mod, rope, mask, text_kv[i], cache and cache.layers[i], routing)
-            if self.grad_checkpointing and torch.is_grad_enabled():   # less memory, more compute
+            if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, *args, use_reentrant=False)
             else:
                 x = block(*args)
@@ -417,7 +414,7 @@ class DiT(nn.Module):
                                  self.cfg.top_k, self.cfg.window, self.cfg.sink,
                                  kernels.routed_backend(self.attn_backend), self.routing_log)
         if bool((chunk == chunk[0]).all() & (stream == stream[0]).all()):
-            return None, None        # one chunk, one stream: all tokens see all (Wan's forward)
+            return None, None        # one chunk, one stream: no mask (Wan's forward)
         if self.attn_backend == "flex" or (self.attn_backend == "auto" and chunk.is_cuda):
             layout = tuple(chunk.tolist()), tuple(stream.tolist())
             return kernels.flex_block_mask(may_attend, *layout, str(chunk.device)), None
@@ -427,7 +424,7 @@ class DiT(nn.Module):
 # -- 5. Sampling: the KV cache and generate --
 
 class LayerKV:
-    """One layer's K/V of the finished chunks, in buffers made once, and [RF] their mean keys."""
+    """One layer's K/V of the finished chunks and [RF] their mean keys."""
 
     def __init__(self, max_tokens):
         self.max_tokens, self.length, self.chunks = max_tokens, 0, 0
@@ -448,7 +445,7 @@ class LayerKV:
         # [end: sampler]
 
     def commit(self, tokens):
-        """Keep the chunk written last (its `tokens` K/V) and store its mean key."""
+        """Keep the chunk written last (`tokens` K/V) and its mean key."""
         new = self.k[:, self.length:self.length + tokens]
         self.phi[:, self.chunks] = chunk_means(new, tokens)[:, 0]
         self.length += tokens
@@ -480,10 +477,10 @@ def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_sca
     """A video made chunk by chunk, the prefix included: (B, num_frames, C, H, W).
     context:     (B, Lt, text_dim) prompt features
     neg_context: the empty prompt's features, for cfg_scale != 1
-    steps, shift, cfg_scale: the sampler; default cfg.sample_*
-    prefix:      (B, P, C, H, W) clean frames to continue (P a multiple of fpc)
+    steps, shift, cfg_scale: default cfg.sample_*
+    prefix:      (B, P, C, H, W) clean frames to continue
     size:        (H, W), default the prefix's or cfg.frame_size
-    use_cache:   False: forward_causal over all frames at every step (slower, same video)
+    use_cache:   False recomputes all frames every step (slower, same video)
     progress:    callable(chunk_index) after each chunk"""
     cfg, fpc = model.cfg, model.cfg.frames_per_chunk
     steps, shift, cfg_scale = (cfg.sample_steps if steps is None else steps,
@@ -507,7 +504,7 @@ def generate(model: DiT, context, num_frames, *, steps=None, shift=None, cfg_sca
 
 
 class Velocity:
-    """generate's v(x, t) for the current chunk given the finished ones: CFG, the KV cache."""
+    """generate's v(x, t) of the current chunk: guidance and the KV cache."""
 
     def __init__(self, model, context, neg_context, cfg_scale, num_frames, size, use_cache):
         self.model, self.cfg_scale, self.video = model, cfg_scale, []
@@ -554,7 +551,7 @@ def training_loss(model: DiT, clip, context, mode=None, generator=None):
     context:   (B, Lt, text_dim)
     mode:      the history's degradation (default cfg.degrade)
     generator: the source of every random draw
-    Returns the loss, and per chunk its loss and t, (B, N) each, detached for the log."""
+    Returns the loss, and per chunk (B, N) its loss and t, for the log."""
     cfg, fpc = model.cfg, model.cfg.frames_per_chunk
     B, N = clip.shape[0], clip.shape[1] // fpc
     # [part: loss]
@@ -574,15 +571,15 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
     """The history the noisy chunks see, (B, F, C, H, W), by mode:
     none            teacher forcing: the ground truth
     noise           x_tau, tau ~ U(0, noise_aug_max) per video
-    parallel        all chunks resampled from x_{t_s} at once, given the ground truth
-    autoregressive  the method: chunk i resampled given the resampled chunks < i"""
+    parallel        all chunks resampled at once from the ground truth
+    autoregressive  chunk i resampled given the resampled chunks < i"""
     cfg, (B, num_frames) = model.cfg, clip.shape[:2]
     if mode == "none":
         return clip
     if mode == "noise":
         tau = draw(torch.rand, (B, 1), generator).expand(B, num_frames).to(clip.device)
         return add_noise(clip, randn_like(clip, generator), tau * cfg.noise_aug_max)
-    # Algorithm 1, lines 2-3: one simulation timestep per video, logit-normal, shifted by s
+    # Algorithm 1, lines 2-3: one simulation timestep per video
     # [part: resample]
     t_s = shift_t(logit_normal((B,), generator), cfg.resample_shift)                 # (B,)
     # [end: resample]
@@ -597,8 +594,8 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
 
 @torch.no_grad()
 def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=None):
-    """Eq. 5: x~^i = x^i_{t_s} denoised to 0 given x~^{<i}, by the sampler's chunk step from
-    x_{t_s}: `steps` Euler steps, online weights, no CFG. The last chunk is nobody's history.
+    """Eq. 5: x~^i = x^i_{t_s} denoised to 0 given x~^{<i}: the sampler's chunk step, `steps`
+    Euler steps from x_{t_s}, online weights, no CFG. The last chunk is nobody's history.
     clip: (B, F, C, H, W) ground truth
     t_s:  (B,) one simulation timestep per video"""
     B, num_frames = clip.shape[:2]
@@ -620,18 +617,17 @@ def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=N
 
 
 def resample_grid(t_s, steps, device):
-    """Self-resampling's Euler grid, from each video's t_s (B,) down to 0 -> (steps + 1, B)."""
+    """Self-resampling's Euler grid from each t_s (B,) down to 0 -> (steps + 1, B)."""
     # NOTE(choice): uniform from t_s to 0 (docs/method.md, "More than one resampling step").
     return t_s.to(device)[None] * torch.linspace(1, 0, steps + 1, device=device)[:, None]
 
 
 # -- 7. History routing [RF] (Eqs. 8-9) --
-# Each query token, in every layer and head, scores each earlier history chunk j by q . phi_j,
-# phi_j the mean of chunk j's keys, and reads its own chunk plus only the k best. No parameters.
+# Each query reads its own chunk plus the k earlier chunks of highest q . phi_j (mean keys).
 
 @dataclass(eq=False)
 class Routing:
-    """chunk, stream: (Lk,) key ids, the last Lq the queries'; keys open with the history chunks."""
+    """chunk, stream: (Lk,) key ids, the queries the last Lq; history chunks first."""
     chunk: torch.Tensor
     stream: torch.Tensor
     chunk_tokens: int
@@ -639,7 +635,7 @@ class Routing:
     top_k: int | None = None
     window: int | None = None
     sink: bool = False
-    backend: str = "two_branch"        # sdpa (the reference) or a tuned path of kernels.py
+    backend: str = "two_branch"        # sdpa (the reference) or a kernels.py path
     log: object = None                 # add(selected, eligible) sees every choice
 
 
@@ -647,7 +643,7 @@ def routed_attention(q, k, v, phi, routing: Routing):
     """One softmax over each query's own chunk and its routed history chunks -> (B, Lq, nh, hd).
     q:    (B, Lq, nh, hd)
     k, v: (B, Lk, nh, hd)
-    phi:  (B, J, nh, hd) the history chunks' mean keys, or None to take them from k"""
+    phi:  (B, J, nh, hd) the history chunks' mean keys, or None: from k"""
     # NOTE(choice): every layer and head routes (docs/method.md, "Every layer routes").
     T, chunk, stream = routing.chunk_tokens, routing.chunk, routing.stream
     if phi is None:
@@ -670,7 +666,7 @@ def chunk_means(k, chunk_tokens):
 
 
 def eligible_chunks(q_chunk, num_history):
-    """(Lq, J) bool: the history chunks the rule's earlier_history term lets each query read."""
+    """(Lq, J) bool: the history chunks earlier_history lets each query read."""
     j = torch.arange(num_history, device=q_chunk.device)
     return earlier_history(q_chunk[:, None], j[None], HISTORY)
 
@@ -678,8 +674,8 @@ def eligible_chunks(q_chunk, num_history):
 def route(q, phi, eligible, top_k=None, window=None, sink=False):
     """The history chunks each query token reads besides its own: (B, nh, Lq, J) bool.
     eligible: (Lq, J) from eligible_chunks
-    top_k:    the paper's router; window: the last w chunks; neither: all eligible chunks
-    sink:     chunk 0 as well (not counted in k or w)"""
+    top_k:    the paper's router; window: the last w chunks; neither: all
+    sink:     chunk 0 too (not counted in k or w)"""
     B, J, nh, _ = phi.shape
     if top_k is not None:
         selected = top_k_chunks(q, phi, eligible, top_k)
@@ -725,7 +721,7 @@ def routed_mask(selected, chunk, stream):
 
 def two_branch_attention(q, k, v, selected, chunk_tokens, branches=None):
     """The paper's fast path: the own chunk and the chosen history chunks as two attentions,
-    each with its log-sum-exp (LSE), merged into one softmax. Returns (B, Lq, nh, hd).
+    merged by their log-sum-exps (LSE) into one softmax. Returns (B, Lq, nh, hd).
     q:        (B, Lq, nh, hd), whole chunks at the end of the keys
     k, v:     (B, Lk, nh, hd), opening with J history chunks
     selected: (B, nh, Lq, J)
@@ -737,9 +733,8 @@ def two_branch_attention(q, k, v, selected, chunk_tokens, branches=None):
 
 
 def merge_lse(o_a, l_a, o_b, l_b):
-    """Attentions over two disjoint key sets -> the attention over their union.
-    o: (..., hd), l: (...) log-sum-exp. One softmax over the union weighs branch a by
-    e^l_a / (e^l_a + e^l_b); a branch with no keys (l = -inf) weighs 0."""
+    """Attentions over two disjoint key sets -> over their union. o: (..., hd), l: (...) LSE.
+    Branch a weighs e^l_a / (e^l_a + e^l_b); a branch with no keys (l = -inf) weighs 0."""
     # [part: routing]
     top = torch.maximum(l_a, l_b).detach()    # for stability only: the result does not depend on it
     w_a, w_b = torch.exp(l_a - top), torch.exp(l_b - top)                         # one of them is 1
