@@ -583,9 +583,7 @@ def wan_model(rep, device, tiny):
     for label, over, compile_it in (("dense", {}, False), ("dense, compiled blocks", {}, True),
                                     (f"top-5 {routed}", {"top_k": 5}, False)):
         dense = not over
-        torch.manual_seed(0)                             # the same weights for each, so the videos can be compared
-        with torch.device(device):
-            model = helpers.bf16_like_load_wan(rf.DiT(rf.Config(**{**vars(cfg), **over})), dtype).eval()
+        model = seeded_wan(helpers, cfg, device, dtype, **over)     # the same weights each: videos compare
         model.attn_backend = "auto" if dense else routed
         if compile_it:
             kernels.compile_blocks(model, **compile_options(tiny))
@@ -627,6 +625,15 @@ def wan_model(rep, device, tiny):
 
     routed_speed(rep, device, tiny, cfg, S, backends)
     long_video_step(rep, device, tiny, cfg, helpers, context, backends)
+
+
+def seeded_wan(helpers, cfg, device, dtype, **overrides):
+    """A Wan-sized DiT with seed-0 random weights, in dtype but for Wan's fp32 layers, for inference: every
+    variant built this way has the same weights."""
+    import rf
+    torch.manual_seed(0)
+    with torch.device(device):
+        return helpers.bf16_like_load_wan(rf.DiT(rf.Config(**{**vars(cfg), **overrides})), dtype).eval()
 
 
 def routed_backends(rep, device):
@@ -698,9 +705,7 @@ def long_video_step(rep, device, tiny, cfg, helpers, context, backends):
     text = torch.cat([context, torch.zeros_like(context)])                     # CFG: [cond ; uncond]
     seconds = {}
     for label, over, backend in (("dense", {}, "auto"), *((f"top-5 {b}", {"top_k": 5}, b) for b in backends)):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = helpers.bf16_like_load_wan(rf.DiT(rf.Config(**{**vars(cfg), **over})), dtype).eval()
+        model = seeded_wan(helpers, cfg, device, dtype, **over)
         model.attn_backend = backend
         g = torch.Generator().manual_seed(0)
         try:
