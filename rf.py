@@ -32,7 +32,7 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
 import checks
-import kernels
+import fast_attn
 from layers import LayerNorm, RMSNorm, apply_rope, fp32, rope_cos_sin, sinusoid
 
 ROPE_LEN = 1024  # Wan's RoPE table: at most 1024 (latent) frames
@@ -199,7 +199,7 @@ def attention(q, k, v, mask=None):
     q:    (B, Lq, nh, hd)
     k, v: (B, Lk, nh, hd)
     mask: None (all keys), a bool (Lq, Lk) tensor or a flex BlockMask"""
-    fn = kernels.flex_attention if isinstance(mask, BlockMask) else F.scaled_dot_product_attention
+    fn = fast_attn.flex_attention if isinstance(mask, BlockMask) else F.scaled_dot_product_attention
     return fn(*(x.transpose(1, 2) for x in (q, k, v)), mask).transpose(1, 2)       # via (B, nh, L, hd)
 
 
@@ -309,7 +309,7 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
         self.grad_checkpointing = False  # recompute each block in backward: less memory
-        self.attn_backend = "auto"       # see kernels.ATTN_BACKENDS
+        self.attn_backend = "auto"       # see fast_attn.ATTN_BACKENDS
         self.routing_log = None          # media.RoutingLog sees every choice
         self.init_weights()
 
@@ -412,12 +412,12 @@ class DiT(nn.Module):
             T = self.cfg.frames_per_chunk * S
             return None, Routing(chunk, stream, T, int((stream == HISTORY).sum()) // T,
                                  self.cfg.top_k, self.cfg.window, self.cfg.sink,
-                                 kernels.routed_backend(self.attn_backend), self.routing_log)
+                                 fast_attn.routed_backend(self.attn_backend), self.routing_log)
         if bool((chunk == chunk[0]).all() & (stream == stream[0]).all()):
             return None, None        # one chunk, one stream: no mask (Wan's forward)
         if self.attn_backend == "flex" or (self.attn_backend == "auto" and chunk.is_cuda):
             layout = tuple(chunk.tolist()), tuple(stream.tolist())
-            return kernels.flex_block_mask(may_attend, *layout, str(chunk.device)), None
+            return fast_attn.flex_block_mask(may_attend, *layout, str(chunk.device)), None
         return dense_mask(chunk, stream), None
 
 
@@ -635,7 +635,7 @@ class Routing:
     top_k: int | None = None
     window: int | None = None
     sink: bool = False
-    backend: str = "two_branch"        # sdpa (the reference) or a kernels.py path
+    backend: str = "two_branch"        # sdpa (the reference) or a fast_attn.py path
     log: object = None                 # add(selected, eligible) sees every choice
 
 
@@ -655,8 +655,8 @@ def routed_attention(q, k, v, phi, routing: Routing):
     if routing.backend == "sdpa":
         return attention(q, k, v, routed_mask(selected, chunk, stream))
     if routing.backend == "flex":
-        return attention(q, k, v, kernels.flex_routed_mask(may_attend_routed, selected, chunk, stream))
-    return two_branch_attention(q, k, v, selected, T, kernels.routed_branches(routing.backend))
+        return attention(q, k, v, fast_attn.flex_routed_mask(may_attend_routed, selected, chunk, stream))
+    return two_branch_attention(q, k, v, selected, T, fast_attn.routed_branches(routing.backend))
 
 
 def chunk_means(k, chunk_tokens):
@@ -725,8 +725,8 @@ def two_branch_attention(q, k, v, selected, chunk_tokens, branches=None):
     q:        (B, Lq, nh, hd), whole chunks at the end of the keys
     k, v:     (B, Lk, nh, hd), opening with J history chunks
     selected: (B, nh, Lq, J)
-    branches: kernels.plain_branches (default) or a tuned path"""
-    branches = branches or kernels.plain_branches
+    branches: fast_attn.plain_branches (default) or a tuned path"""
+    branches = branches or fast_attn.plain_branches
     (o_own, l_own), (o_hist, l_hist) = branches(q, k, v, selected, chunk_tokens)
     o, _ = merge_lse(o_own, l_own, o_hist, l_hist)
     return o.to(v.dtype).transpose(1, 2)

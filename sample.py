@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import checkpoints
 import cli
-import kernels
+import fast_attn
 import media
 import rf
 import wan
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--no_cache", action="store_true", help="recompute the history at every step (reference path)")
     p.add_argument("--device", default="auto", help="auto (the GPU if there is one) | cpu | cuda | cuda:N")
-    p.add_argument("--compile", action="store_true", help="compile each DiT block (kernels.compile_blocks): on a "
+    p.add_argument("--compile", action="store_true", help="compile each DiT block (fast_attn.compile_blocks): on a "
                    "GPU, faster chunks once the first has compiled; on a CPU, only the wait for the compiler. "
                    "Not yet verified against eager sampling on a GPU (docs/performance.md)")
     p.add_argument("--save_frames", action="store_true",
@@ -132,7 +132,7 @@ def main_toy(args, overrides, device):
     if args.compile:
         print(UNVERIFIED_COMPILE)
         for dit, _, _ in models:
-            kernels.compile_blocks(dit)
+            fast_attn.compile_blocks(dit)
     cfg, fpc = models[0][0].cfg, models[0][0].cfg.frames_per_chunk
     for ckpt, (dit, _, _) in zip(ckpts[1:], models[1:]):
         if (dit.cfg.frames_per_chunk, dit.cfg.frame_size, dit.cfg.in_dim) != (fpc, cfg.frame_size, cfg.in_dim):
@@ -368,7 +368,7 @@ def main_wan(args, overrides, device, meta):
         dit = wan.load_wan(weights, torch.bfloat16 if cuda else torch.float32, device, preset_name, **fields).eval()
         if args.compile:
             print(UNVERIFIED_COMPILE)
-            kernels.compile_blocks(dit)
+            fast_attn.compile_blocks(dit)
         bar = tqdm(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
         with cli.autocast(device):
             latents = rf.generate(dit, context.to(device), num_latent, steps=args.steps, shift=args.shift,

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import checkpoints
 import cli
 import clips
-import kernels
+import fast_attn
 import media
 import rf
 import wan
@@ -80,7 +80,7 @@ class Train:
     on_bad_clip: str = option("skip", "a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop")
     dry_run: bool = option(False, "Wan presets: check both checkpoint key layouts, print memory needs, exit")
     grad_checkpointing: bool = option(False, "recompute each block in backward: far less activation memory")
-    compile: bool = option(False, "compile each DiT block (kernels.compile_blocks): pays on a GPU, not on a CPU")
+    compile: bool = option(False, "compile each DiT block (fast_attn.compile_blocks): pays on a GPU, not on a CPU")
     # Wan presets only: where the weights come from (a local folder or a hub id), and the latent cache
     wan: str = option(wan.WAN_PARTS_REPO, "Wan presets: the DiT to start from (any wan.load_wan source)")
     text_encoder: str = option("", "Wan presets: umT5 + tokenizer in the diffusers layout")
@@ -357,7 +357,7 @@ class Run:
         if train.compile:                                  # after the EMA copies and the loads: only the trained model
             # NOTE(choice): static shapes, so a resumed run compiles what a straight one does (docs/method.md,
             # "Compiled training uses static shapes").
-            kernels.compile_blocks(dit, dynamic=False)
+            fast_attn.compile_blocks(dit, dynamic=False)
         # under torchrun each trained model is wrapped in DDP (which also makes every process start from rank 0's
         # weights)
         self.wrapped = {name: cli.DDP(m, device_ids=[device.index] if device.type == "cuda" else None)

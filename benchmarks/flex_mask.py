@@ -1,12 +1,12 @@
 """
-Building the routed flex_attention mask: from the router's choice (kernels.flex_routed_mask, what the flex backend
+Building the routed flex_attention mask: from the router's choice (fast_attn.flex_routed_mask, what the flex backend
 uses) against create_block_mask evaluating the rule on every (query, key) pair (the plain way), side by side in one
 process. Also prints how many key blocks the mask lets the kernel skip.
 
     python benchmarks/flex_mask.py                       # one chunk of queries against 20 cached chunks (sampling)
     python benchmarks/flex_mask.py --chunk_tokens 4680   # Wan's chunk at 480x832 (slow on the plain side)
 
-On a GPU the flex backend compiles create_block_mask (kernels.block_mask), which fuses the rule into the per-block
+On a GPU the flex backend compiles create_block_mask (fast_attn.block_mask), which fuses the rule into the per-block
 reduction; this script runs both eagerly, as they run on a CPU.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
+import fast_attn  # noqa: E402
 import rf  # noqa: E402
 
 
@@ -42,9 +42,9 @@ def main():
     selected = rf.route(q, rf.chunk_means(k[:, :J * T], T), rf.eligible_chunks(chunk[-T:], J), top_k=args.top_k)
     print(f"{T} queries against {J} history chunks of {T} tokens + their own, {args.heads} heads, top-{args.top_k} "
           f"(random keys); median of {args.repeats}")
-    for name, build in (("from the selection", lambda: kernels.flex_routed_mask(rf.may_attend_routed, selected,
+    for name, build in (("from the selection", lambda: fast_attn.flex_routed_mask(rf.may_attend_routed, selected,
                                                                                  chunk, stream)),
-                        ("create_block_mask", lambda: kernels.flex_routed_mask_grid(rf.may_attend_routed, selected,
+                        ("create_block_mask", lambda: fast_attn.flex_routed_mask_grid(rf.may_attend_routed, selected,
                                                                                      chunk, stream))):
         seconds = []
         for _ in range(args.repeats):

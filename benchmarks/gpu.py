@@ -16,7 +16,7 @@ Sections, each standing alone (a failure prints FAIL with the error and where, a
      chunk-by-chunk sampling with CFG (seconds per chunk, dense and top-5 through the fastest routed backend there),
      routed attention at 20 history chunks (two_branch, flex with its mask built from the router's choice, varlen,
      flash), one Euler step of a 15 s video's last chunk, dense and top-5; the forward and dense sampling again
-     with compiled blocks (kernels.compile_blocks), each checked against the eager result
+     with compiled blocks (fast_attn.compile_blocks), each checked against the eager result
 On an H100 (PyTorch 2.11), sections d, a and b took 2.5 minutes, and d, b and c with --profile 7.8 minutes, before
 the CUDA-graph, flex and 15 s checks were added: the whole script does not fit in 10 minutes. Pass --skip a b to run section c alone when time is short; --profile
 adds profiles.txt.
@@ -310,7 +310,7 @@ def routed_case(device, tiny, seed=3):
 
 
 def routed_checks(rep, rf, device, dtype, tiny):
-    import kernels
+    import fast_attn
     cuda = device.type == "cuda"
     tol = TOL[dtype]
     q, k, v, selected, T, chunk, stream = routed_case(device, tiny)
@@ -323,18 +323,18 @@ def routed_checks(rep, rf, device, dtype, tiny):
         return (o, *torch.autograd.grad(o.float().square().sum(), (q, k, v)))
 
     ref = run(lambda: rf.attention(q, k, v, rf.routed_mask(selected, chunk, stream)))
-    paths = {"two_branch": lambda: rf.two_branch_attention(q, k, v, selected, T, kernels.two_branches)}
+    paths = {"two_branch": lambda: rf.two_branch_attention(q, k, v, selected, T, fast_attn.two_branches)}
     notes = {}
     for name in ("varlen", "flash"):
         try:
-            branches = kernels.varlen_backend(name)
+            branches = fast_attn.varlen_backend(name)
         except RuntimeError as e:
             rep.check(f"{dtype} routed attention, {name} vs reference", "SKIP", note=one_line(e))
             continue
         if not cuda:            # the same packing and merge, through a stand-in (the real kernel needs CUDA)
             if name == "flash":
                 continue
-            branches = lambda *a: kernels.varlen_branches(*a, kernels.torch_varlen(stand_in_varlen))  # noqa: E731
+            branches = lambda *a: fast_attn.varlen_branches(*a, fast_attn.torch_varlen(stand_in_varlen))  # noqa: E731
             notes[name] = "CPU: plain PyTorch stand-in for the kernel"
         elif dtype == "fp32":
             rep.check(f"{dtype} routed attention, {name} vs reference", "SKIP",
@@ -347,7 +347,7 @@ def routed_checks(rep, rf, device, dtype, tiny):
         ok = max(errs.values()) <= tol and all(torch.isfinite(z).all() for z in got)
         rep.check(f"{dtype} routed attention, {name} vs reference (values, gradients)", "PASS" if ok else "FAIL",
                   note=notes.get(name), tol=tol, **errs)
-    mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)      # from the router's choice
+    mask = fast_attn.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)      # from the router's choice
     if cuda:
         got = run(lambda: rf.attention(q, k, v, mask))
         errs = {f"rel_err_{n}": rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), got, ref)}
@@ -375,13 +375,13 @@ def evidence_scale(name):
 
 
 def compile_options(tiny):
-    """torch.compile options for kernels.compile_blocks: inductor on the GPU; dynamo's tracing alone (no C compiler,
+    """torch.compile options for fast_attn.compile_blocks: inductor on the GPU; dynamo's tracing alone (no C compiler,
     seconds not minutes) when --tiny checks the script on a CPU."""
     return {"backend": "eager"} if tiny else {}
 
 
 def toy(rep, device, tiny):
-    import kernels
+    import fast_attn
     import rf
     gpu = evidence_scale("gpu")
     batches = (2, 4) if tiny else (8, gpu["batch_size"], 64)
@@ -410,7 +410,7 @@ def toy(rep, device, tiny):
     for label, options in variants:
         eager, compiled = toy_model(rf, device, tiny), toy_model(rf, device, tiny)
         torch._dynamo.reset()
-        kernels.compile_blocks(compiled, dynamic=False, **{**compile_options(tiny), **options})
+        fast_attn.compile_blocks(compiled, dynamic=False, **{**compile_options(tiny), **options})
         x, _, ctx, _ = toy_inputs(compiled.cfg, B, 8, device)
         grads = []
         for model in (eager, compiled):
@@ -468,7 +468,7 @@ def load_benchmark_helpers():
 
 
 def wan_model(rep, device, tiny):
-    import kernels
+    import fast_attn
     import rf
     import wan
     helpers = load_benchmark_helpers()
@@ -527,7 +527,7 @@ def wan_model(rep, device, tiny):
     for name, fn in fns.items():
         rep.profiled(f"Wan forward, {name}", fn, device)
     eager = run_ours(bidir).float()
-    kernels.compile_blocks(ours, **compile_options(tiny))                   # from here on, ours is compiled
+    fast_attn.compile_blocks(ours, **compile_options(tiny))                   # from here on, ours is compiled
     secs["ours_compiled"] = timed(lambda: run_ours(bidir), device, repeats)
     rep.profiled("Wan forward, ours_compiled", lambda: run_ours(bidir), device)
     rep.compare("forward, compiled blocks vs eager (ours)", run_ours(bidir).float(), eager,
@@ -586,7 +586,7 @@ def wan_model(rep, device, tiny):
         model = seeded_wan(helpers, cfg, device, dtype, **over)     # the same weights each: videos compare
         model.attn_backend = "auto" if dense else routed
         if compile_it:
-            kernels.compile_blocks(model, **compile_options(tiny))
+            fast_attn.compile_blocks(model, **compile_options(tiny))
         stamps = []
 
         def progress(i):
@@ -638,12 +638,12 @@ def seeded_wan(helpers, cfg, device, dtype, **overrides):
 
 def routed_backends(rep, device):
     """The routed attention backends that run here: two_branch, then on CUDA flex (its BlockMask built from the
-    router's choice, kernels.flex_routed_mask) and the varlen kernels."""
-    import kernels
+    router's choice, fast_attn.flex_routed_mask) and the varlen kernels."""
+    import fast_attn
     backends = ["two_branch"] + (["flex"] if device.type == "cuda" else [])
     for name in ("varlen", "flash") if device.type == "cuda" else ():
         try:
-            kernels.varlen_backend(name)
+            fast_attn.varlen_backend(name)
             backends.append(name)
         except RuntimeError as e:
             rep.check(f"routed backend {name}", "SKIP", note=one_line(e))

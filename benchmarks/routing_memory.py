@@ -1,7 +1,7 @@
 """
 Memory of one routed training call: the two-branch attention of a two-stream training forward, forward and
-backward, at Wan's head layout, with its scores in slabs (kernels.in_slabs, the default) or all at once (--one_piece, as
-before slabs existed). One setting per process, so that the peak resident memory belongs to it alone.
+backward, at Wan's head layout, with its scores in slabs (fast_attn.in_slabs, the default) or all at once
+(--one_piece, as before slabs existed). One setting per process, so that the peak resident memory belongs to it alone.
 
     python benchmarks/routing_memory.py                        # 540-token chunks (3 frames of 160x288 pixels)
     python benchmarks/routing_memory.py --one_piece
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import kernels  # noqa: E402
+import fast_attn  # noqa: E402
 import rf  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.one_piece:
-        kernels.SLAB_SCORES = 2**62
+        fast_attn.SLAB_SCORES = 2**62
     B, nh, hd, T, N = 1, 12, 128, args.chunk_tokens, args.chunks
     L = (2 * N - 1) * T                              # [history ; noisy] without the last history chunk: all queries
     g = torch.Generator().manual_seed(0)
@@ -49,7 +49,7 @@ def main():
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(lambda x: kept.append(x.numel() * x.element_size()) or x,
                                                       lambda x: x):
-            o = rf.two_branch_attention(q, k, v, selected, T, kernels.two_branches)
+            o = rf.two_branch_attention(q, k, v, selected, T, fast_attn.two_branches)
         o.float().square().mean().backward()
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fast_attn
 import rf
 
 CHECKS = {}                     # part -> [(name, function)]
@@ -349,12 +349,12 @@ def _():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(3, 4, 8, generator=g) for _ in range(3))
     k, v = torch.cat([k, 2 * k], dim=1), torch.cat([v, v.flip(1)], dim=1)             # 8 keys
-    o_a, l_a = kernels.plain_attention_lse(q, k[:, :3], v[:, :3])
-    o_b, l_b = kernels.plain_attention_lse(q, k[:, 3:], v[:, 3:])
+    o_a, l_a = fast_attn.plain_attention_lse(q, k[:, :3], v[:, :3])
+    o_b, l_b = fast_attn.plain_attention_lse(q, k[:, 3:], v[:, 3:])
     o, lse = rf.merge_lse(o_a, l_a, o_b, l_b)
     want = F.scaled_dot_product_attention(q, k, v)
     expect(rel_err(o, want) <= TOL, "the merged output is not softmax attention over both key sets")
-    expect(rel_err(lse, kernels.plain_attention_lse(q, k, v)[1]) <= TOL, "the merged log-sum-exp is not the union's")
+    expect(rel_err(lse, fast_attn.plain_attention_lse(q, k, v)[1]) <= TOL, "the merged log-sum-exp is not the union's")
     none = torch.full_like(l_b, -math.inf)
     expect(rel_err(rf.merge_lse(o_a, l_a, torch.zeros_like(o_b), none)[0], o_a) <= TOL,
            "a branch with no keys (lse = -inf) must weigh nothing")
@@ -373,6 +373,6 @@ def _():
         dense = tiny_model()(x, t, ctx, history=history)
         everything = tiny_model(top_k=3)(x, t, ctx, history=history)
     expect(rel_err(outs["two_branch"], outs["sdpa"]) <= TOL,
-           "the two-branch path (kernels.merge_lse_many) differs from the dense-mask reference")
+           "the two-branch path (fast_attn.merge_lse_many) differs from the dense-mask reference")
     expect(rel_err(everything, dense) <= TOL, "routing to every eligible chunk must equal dense attention")
     expect(rel_err(outs["sdpa"], dense) > 1e-3, "top-2 of 3 must differ from dense attention")

@@ -1,7 +1,7 @@
 """
 kit/parts.py -- the parts a student writes, and how they are cut out of the live files.
 
-Each part is marked in rf.py (and, for the merge, in kernels.py) by a line `# [part: NAME]` before its lines
+Each part is marked in rf.py (and, for the merge, in fast_attn.py) by a line `# [part: NAME]` before its lines
 and `# [end: NAME]` after them. A part may have several such regions. The student copy keeps the markers
 and replaces what lies between them by one line that raises NotImplementedError.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MARKED_FILES = ("rf.py", "kernels.py")
+MARKED_FILES = ("rf.py", "fast_attn.py")
 START = re.compile(r"^(\s*)# \[part: (\w+)\]\s*$")
 END = re.compile(r"^\s*# \[end: (\w+)\]\s*$")
 
@@ -42,7 +42,7 @@ PARTS = {p.name: p for p in [
     Part("loss", 6, "the training loss", 15, ("two_stream",),
          "training_loss: history, t per chunk, the noisy clip, one forward, the loss of Eq. 4"),
     Part("routing", 7, "top-k routing and the log-sum-exp merge", 10, ("mask", "frame_t"),
-         "top_k_chunks (Eq. 9), merge_lse, and kernels.merge_lse_many (the same merge, batched)",
+         "top_k_chunks (Eq. 9), merge_lse, and fast_attn.merge_lse_many (the same merge, batched)",
          ("tests/test_routing.py", "tests/test_varlen.py")),
 ]}
 

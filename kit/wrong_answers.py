@@ -95,6 +95,6 @@ WRONG = [
     Wrong("routing", "a plain average instead of the log-sum-exp merge",
           "o = (w_a[..., None] * o_a.float() + w_b[..., None] * o_b.float()) / total[..., None]",
           "o = (o_a.float() + o_b.float()) / 2"),
-    Wrong("routing", "the batched merge in kernels.py as a plain average",
-          "w = torch.exp(lse - top[index])", "w = torch.ones_like(lse)", file="kernels.py"),
+    Wrong("routing", "the batched merge in fast_attn.py as a plain average",
+          "w = torch.exp(lse - top[index])", "w = torch.ones_like(lse)", file="fast_attn.py"),
 ]

@@ -1,4 +1,4 @@
-"""kernels.compile_blocks (train.py / sample.py --compile): compiled blocks compute what the eager ones do.
+"""fast_attn.compile_blocks (train.py / sample.py --compile): compiled blocks compute what the eager ones do.
 
 CI has no GPU and need not have a C compiler, so these tests compile with dynamo's aot_eager backend: the graphs
 dynamo captures (guards, graph breaks, the autograd graph) run on the eager kernels. That is where a KV cache can go
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import kernels
+import fast_attn
 import rf
 import sample
 from conftest import make_model, rand_inputs, rel_err, run_train
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow                 # torch.compile (dynamo traces): s
 
 def compiled_copy(model):
     torch._dynamo.reset()
-    return kernels.compile_blocks(copy.deepcopy(model), backend="aot_eager")
+    return fast_attn.compile_blocks(copy.deepcopy(model), backend="aot_eager")
 
 
 def test_compile_keeps_the_checkpoint_names():
@@ -71,13 +71,13 @@ def test_compiled_training_resumes_exactly(tmp_path, monkeypatch):
     tensor equal: weights, EMA copies, optimizer state. Resampling Forcing from step 3, so the resumed steps roll
     the history out through the compiled blocks and the KV cache. With dynamo's automatic dynamic shapes (no
     dynamic=False) the two runs differed by about 3e-8: which graphs it built hung on the order it met the shapes."""
-    compile_blocks = kernels.compile_blocks
+    compile_blocks = fast_attn.compile_blocks
 
     def traced(model, **options):                                  # aot_eager: no C compiler needed on CI
         torch._dynamo.reset()
         return compile_blocks(model, backend="aot_eager", **options)
 
-    monkeypatch.setattr(kernels, "compile_blocks", traced)
+    monkeypatch.setattr(fast_attn, "compile_blocks", traced)
     args = ("--warmup_steps", "2", "--no-sample", "--compile")
     run_train(tmp_path / "straight", "--steps", "4", *args)
     run_train(tmp_path / "resumed", "--steps", "2", *args)
@@ -93,14 +93,14 @@ def test_train_and_sample_with_compile_flag(tmp_path, monkeypatch, capsys):
     """train.py --compile trains the same weights as without (4 steps, Resampling Forcing from step 3), and
     sample.py --compile makes the same video: the flag only changes how the blocks run."""
     calls = []
-    compile_blocks = kernels.compile_blocks
+    compile_blocks = fast_attn.compile_blocks
 
     def traced(model, **options):                                  # aot_eager: no C compiler needed on CI
         calls.append(model)
         torch._dynamo.reset()
         return compile_blocks(model, backend="aot_eager", **options)
 
-    monkeypatch.setattr(kernels, "compile_blocks", traced)
+    monkeypatch.setattr(fast_attn, "compile_blocks", traced)
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
         run_train(tmp_path / name, "--steps", "4", "--warmup_steps", "2", "--no-sample", *extra)
     assert len(calls) == 1

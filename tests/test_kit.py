@@ -46,7 +46,7 @@ def test_prerequisites_come_first():
 @pytest.mark.parametrize("what", ["a leaking mask", "t_s drawn without its shift", "the target built from"])
 def test_a_planted_wrong_answer_fails_its_part(what, tmp_path, monkeypatch):
     wrong = next(w for w in WRONG if w.what.startswith(what))
-    for name in ("rf.py", "kernels.py", "checks.py"):
+    for name in ("rf.py", "fast_attn.py", "checks.py"):
         (tmp_path / name).write_text((ROOT / name).read_text())
     (tmp_path / wrong.file).write_text(plant((tmp_path / wrong.file).read_text(), wrong))
     code = (f"import sys; sys.path[:0] = [{str(tmp_path)!r}, {str(ROOT)!r}]; import json, kit.grade as g; "

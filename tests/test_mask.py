@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-import kernels
+import fast_attn
 import media
 import rf
 from conftest import FPC, block_lists
@@ -93,7 +93,7 @@ def test_compiled_block_masks_equal_eager(monkeypatch):
     """On CUDA the flex masks are built by torch.compile(create_block_mask): eager, it materialises the whole
     (L, L) grid (some 35 GB at Wan's training length). Compiled here on the CPU, both of our mask_mods (the rule's
     two-stream layout, and routing) must give the same blocks as eager. Inputs span several 128-token blocks. (The
-    routed mask the flex backend uses is built from the selection instead, kernels.flex_routed_mask; test_routing
+    routed mask the flex backend uses is built from the selection instead, fast_attn.flex_routed_mask; test_routing
     checks that it gives these same blocks.)"""
     frames, tokens = 12, 40                                        # 2 streams x 12 frames x 40 = 960 tokens
     chunk = torch.arange(frames) // FPC
@@ -103,12 +103,12 @@ def test_compiled_block_masks_equal_eager(monkeypatch):
     selected[:, 0] = False                                         # head 0 routes to no history chunk at all
 
     def build():                                                   # __wrapped__: past flex_block_mask's cache
-        return (kernels.flex_block_mask.__wrapped__(rf.may_attend, tuple(chunk.tolist()), tuple(stream.tolist()),
+        return (fast_attn.flex_block_mask.__wrapped__(rf.may_attend, tuple(chunk.tolist()), tuple(stream.tolist()),
                                                      "cpu"),
-                kernels.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream))
+                fast_attn.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream))
 
     eager = build()
-    monkeypatch.setattr(kernels, "create_block_mask", torch.compile(kernels.create_block_mask))
+    monkeypatch.setattr(fast_attn, "create_block_mask", torch.compile(fast_attn.create_block_mask))
     for want, got in zip(eager, build()):
         assert all(torch.equal(a, b) for a, b in zip(block_lists(want), block_lists(got)))
     routed = eager[1].kv_num_blocks + eager[1].full_kv_num_blocks                          # (1, 2, query blocks)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import checkpoints
-import kernels
+import fast_attn
 import media
 import rf
 from conftest import FPC, HW, S, TINY, block_lists, differs, make_model, rand_inputs, rel_err
@@ -153,7 +153,8 @@ def test_merge_lse_equals_one_softmax_over_the_union():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 5, n, 8, generator=g) * 2 for n in (4, 10, 10))         # logits up to ~20
     union = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    a, b = kernels.plain_attention_lse(q, k[:, :, :3], v[:, :, :3]), kernels.plain_attention_lse(q, k[:, :, 3:], v[:, :, 3:])
+    a = fast_attn.plain_attention_lse(q, k[:, :, :3], v[:, :, :3])
+    b = fast_attn.plain_attention_lse(q, k[:, :, 3:], v[:, :, 3:])
     o, lse = rf.merge_lse(*a, *b)
     assert rel_err(o, union) <= 1e-5
     assert rel_err(lse, (q @ k.transpose(-1, -2) / math.sqrt(8)).logsumexp(-1)) <= 1e-5
@@ -165,28 +166,29 @@ def test_merge_lse_equals_one_softmax_over_the_union():
     o3, _ = rf.merge_lse(a[0], a[1] + 1000, b[0], b[1] + 1000)
     assert rel_err(o3, union) <= 1e-5
     # many branches at once: three key sets, merged per output row
-    parts = [kernels.plain_attention_lse(q, k[:, :, s], v[:, :, s]) for s in (slice(0, 2), slice(2, 7), slice(7, 10))]
+    parts = [fast_attn.plain_attention_lse(q, k[:, :, s], v[:, :, s])
+             for s in (slice(0, 2), slice(2, 7), slice(7, 10))]
     rows = q.shape[0] * q.shape[1] * q.shape[2]
-    o4, lse4 = kernels.merge_lse_many(torch.cat([o.reshape(rows, 8) for o, _ in parts]),
+    o4, lse4 = fast_attn.merge_lse_many(torch.cat([o.reshape(rows, 8) for o, _ in parts]),
                                  torch.cat([lse.reshape(rows) for _, lse in parts]),
                                  torch.arange(rows).repeat(3), rows)
     assert rel_err(o4.view_as(union), union) <= 1e-5 and rel_err(lse4.view_as(lse), lse) <= 1e-5
 
 
 def test_attention_lse_fused_kernel_equals_the_readable_one():
-    """Without autograd on a CPU, kernels.attention_lse runs SDPA's fused kernel; kernels.plain_attention_lse is the plain
-    steps. Same numbers, on contiguous tiles and on strided views (the own-chunk branch passes a transposed view)."""
-    assert kernels._FUSED_CPU is not None, "no fused CPU kernel in this torch: the test would compare a path with itself"
+    """Without autograd on a CPU, fast_attn.attention_lse runs SDPA's fused kernel; fast_attn.plain_attention_lse is
+    the plain steps. Same numbers, on contiguous tiles and on strided views (the own-chunk branch passes a transposed view)."""
+    assert fast_attn._FUSED_CPU is not None, "no fused CPU kernel in this torch: the test compares a path with itself"
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g) * 2 for n in (6, 10, 10))
     for args in ((q, k, v), tuple(x.transpose(0, 1) for x in (q, k, v))):
-        readable = kernels.plain_attention_lse(*args)                       # grad mode on: the plain steps
+        readable = fast_attn.plain_attention_lse(*args)                       # grad mode on: the plain steps
         with torch.no_grad():
-            fused = kernels.attention_lse(*args)
+            fused = fast_attn.attention_lse(*args)
         assert fused[0].shape == readable[0].shape and fused[1].shape == readable[1].shape
         assert rel_err(fused[0], readable[0]) <= 1e-5 and rel_err(fused[1], readable[1]) <= 1e-5
     with torch.no_grad():                                        # wrong variant: other keys give another answer
-        assert differs(kernels.attention_lse(q, k[:, :, :5], v[:, :, :5])[0], readable[0].transpose(0, 1))
+        assert differs(fast_attn.attention_lse(q, k[:, :, :5], v[:, :, :5])[0], readable[0].transpose(0, 1))
 
 
 @pytest.mark.parametrize("max_tile", [16, 256])
@@ -194,7 +196,7 @@ def test_history_branch_splits_big_groups_into_tiles(monkeypatch, max_tile):
     """A (batch, head, chunk) group read by more queries than a tile holds is cut into several tiles (MAX_TILE=16
     with 40 queries); the result is the same as one softmax per query over its selected chunks' keys. The keys are
     slices of bigger buffers, as in cached sampling."""
-    monkeypatch.setattr(kernels, "MAX_TILE", max_tile)
+    monkeypatch.setattr(fast_attn, "MAX_TILE", max_tile)
     g = torch.Generator().manual_seed(1)
     B, Lq, nh, hd, Nh, Tc = 2, 40, 2, 8, 3, 5
     q, k, v = torch.randn(B, Lq, nh, hd, generator=g), *torch.randn(2, B, Nh * Tc + 7, nh, hd, generator=g)
@@ -208,11 +210,11 @@ def test_history_branch_splits_big_groups_into_tiles(monkeypatch, max_tile):
     want = torch.einsum("bhqk,bkhd->bhqd", s.masked_fill(~allowed, -torch.inf).softmax(-1).nan_to_num(), v)
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
-            o, lse = kernels.history_branch(q, k, v, selected)
+            o, lse = fast_attn.history_branch(q, k, v, selected)
         assert rel_err(o, want) <= 1e-5
         assert rel_err(lse[allowed.any(-1)], s.masked_fill(~allowed, -torch.inf).logsumexp(-1)[allowed.any(-1)]) <= 1e-5
         assert (lse[1, 1, 7] == -torch.inf) and (o[1, 1, 7] == 0).all()
-    assert differs(kernels.history_branch(q, k, v, selected.roll(1, dims=-1))[0], want)   # other chunks: other answer
+    assert differs(fast_attn.history_branch(q, k, v, selected.roll(1, dims=-1))[0], want)   # other chunks, other answer
 
 
 def test_two_branch_in_slabs_equals_one_piece_and_keeps_no_scores(monkeypatch):
@@ -227,10 +229,10 @@ def test_two_branch_in_slabs_equals_one_piece_and_keeps_no_scores(monkeypatch):
     selected = torch.rand(B, nh, L, N - 1, generator=g) < 0.5
     runs = {}
     for slab in (2**40, 1):
-        monkeypatch.setattr(kernels, "SLAB_SCORES", slab)
+        monkeypatch.setattr(fast_attn, "SLAB_SCORES", slab)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel()) or x, lambda x: x):
-            o = rf.two_branch_attention(q, k, v, selected, T, kernels.two_branches)
+            o = rf.two_branch_attention(q, k, v, selected, T, fast_attn.two_branches)
         grads = torch.autograd.grad(o.square().sum(), (q, k, v))
         runs[slab] = o, grads, sum(saved)
     (o1, g1, saved1), (o2, g2, saved2) = runs[2**40], runs[1]
@@ -239,8 +241,8 @@ def test_two_branch_in_slabs_equals_one_piece_and_keeps_no_scores(monkeypatch):
 
 
 def test_tuned_branches_equal_the_plain_ones():
-    """kernels.two_branches (tiles, slabs, gathers) against kernels.plain_branches (two masked softmaxes, as one would
-    write them), and the merged two_branch_attention against the dense-mask reference (the sdpa backend): values
+    """fast_attn.two_branches (tiles, slabs, gathers) against fast_attn.plain_branches (two masked softmaxes, as one
+    would write them), and the merged two_branch_attention against the dense-mask reference (the sdpa backend): values
     and gradients. Keys of the cached layout (queries = the last chunk) and of the two-stream one."""
     g = torch.Generator().manual_seed(3)
     B, nh, hd, T, Nh = 2, 2, 8, 6, 4
@@ -254,7 +256,7 @@ def test_tuned_branches_equal_the_plain_ones():
         k, v = (torch.randn(B, Lk, nh, hd, generator=g).requires_grad_() for _ in range(2))
         selected = (torch.rand(B, nh, Lq, Nh, generator=g) < 0.5) & rf.eligible_chunks(chunk[-Lq:], Nh)
         outs = {}
-        for name, branches in (("plain", kernels.plain_branches), ("tuned", kernels.two_branches)):
+        for name, branches in (("plain", fast_attn.plain_branches), ("tuned", fast_attn.two_branches)):
             o = rf.two_branch_attention(q, k, v, selected, T, branches)
             outs[name] = (o, *torch.autograd.grad(o.square().sum(), (q, k, v)))
         mask = rf.routed_mask(selected, chunk, stream)                                  # (B, nh, Lq, Lk)
@@ -335,7 +337,7 @@ def routed_layout(kind, chunks, T):
     ("cache", 3, 128, dict(top_k=1)),                # whole blocks: some are read fully, skipping the mask_mod
 ])
 def test_flex_mask_built_from_the_selection(kind, chunks, T, rule):
-    """kernels.flex_routed_mask builds the routed BlockMask from the router's choice, chunk by chunk: the same
+    """fast_attn.flex_routed_mask builds the routed BlockMask from the router's choice, chunk by chunk: the same
     blocks, partial and full, as create_block_mask evaluating the rule on every (query, key) pair, and the same
     attention as the dense-mask reference, without ever evaluating an (Lq, Lk) grid."""
     B, nh, hd = 2, 2, 16
@@ -351,16 +353,16 @@ def test_flex_mask_built_from_the_selection(kind, chunks, T, rule):
         largest.append(out.numel())
         return out
 
-    kernels.flex_routed_mask(rule_spy, selected, chunk, stream)
+    fast_attn.flex_routed_mask(rule_spy, selected, chunk, stream)
     assert max(largest) <= B * nh * Lq * 2 * (chunks + 1)                  # (Lq, segments), not (Lq, Lk)
-    mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
-    want = kernels.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream)
+    mask = fast_attn.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
+    want = fast_attn.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream)
     assert all(torch.equal(a, b) for a, b in zip(block_lists(mask), block_lists(want)))
     if T == 128:
         assert mask.full_kv_num_blocks.sum() > 0
     ref = rf.attention(q, k, v, rf.routed_mask(selected, chunk, stream))
     assert rel_err(rf.attention(q, k, v, mask), ref) <= 1e-5
-    other = kernels.flex_routed_mask(rf.may_attend_routed, ~selected, chunk, stream)   # wrong chunks: other answer
+    other = fast_attn.flex_routed_mask(rf.may_attend_routed, ~selected, chunk, stream)   # wrong chunks: other answer
     assert differs(rf.attention(q, k, v, other), ref)
 
 
@@ -370,8 +372,8 @@ def test_flex_mask_keeps_a_key_block_past_the_end_partial():
     chunk = torch.cat([torch.zeros(72), torch.ones(128)]).long()
     stream = torch.full_like(chunk, rf.HISTORY)
     selected = torch.ones(1, 1, 128, 1, dtype=torch.bool)
-    mask = kernels.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
-    want = kernels.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream)
+    mask = fast_attn.flex_routed_mask(rf.may_attend_routed, selected, chunk, stream)
+    want = fast_attn.flex_routed_mask_grid(rf.may_attend_routed, selected, chunk, stream)
     assert all(torch.equal(a, b) for a, b in zip(block_lists(mask), block_lists(want)))
     assert mask.kv_num_blocks.item() == 1 and mask.full_kv_num_blocks.item() == 1
 
@@ -505,15 +507,15 @@ def test_sample_routing_plot(tmp_path, capsys):
 
 def test_compiled_kernels_keep_compiling_past_eight_lengths():
     """Past dynamo's default of 8 compiled variants, flex_attention silently runs eagerly and materialises every
-    score (the H100 run: 48 GiB asked for at 21 Wan frames). kernels.compiled raises the limit; counted with dynamo's
+    score (the H100 run: 48 GiB asked for at 21 Wan frames). fast_attn.compiled raises the limit; counted with dynamo's
     eager backend, 12 lengths compile 12 times, none falls back. (config.patch, not monkeypatch: undoing a
     monkeypatch on dynamo's config left the setting missing for later tests.)"""
     from torch._dynamo.utils import counters
     with torch._dynamo.config.patch(recompile_limit=8):
         torch._dynamo.reset()
         counters.clear()
-        fn = kernels.compiled(lambda x: x * 2 + 1, backend="eager", dynamic=False)
-        assert torch._dynamo.config.recompile_limit >= kernels.RECOMPILE_LIMIT
+        fn = fast_attn.compiled(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+        assert torch._dynamo.config.recompile_limit >= fast_attn.RECOMPILE_LIMIT
         for n in range(1, 13):
             assert torch.equal(fn(torch.ones(n)), torch.full((n,), 3.0))
         assert counters["stats"]["unique_graphs"] == 12

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import kernels
+import fast_attn
 import rf
 from conftest import differs, make_model, rand_inputs, rel_err
 
@@ -45,7 +45,7 @@ def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
 
 
 def fake_kernel(**options):
-    return kernels.torch_varlen(lambda *args, **kw: fake_varlen_attn(*args, **kw, **options))
+    return fast_attn.torch_varlen(lambda *args, **kw: fake_varlen_attn(*args, **kw, **options))
 
 
 def test_stand_in_has_the_signature_of_the_installed_kernel():
@@ -83,7 +83,7 @@ def test_packing_indexes_what_it_says():
     selected = torch.zeros(B, nh, Lq, Nh, dtype=torch.bool)
     selected[0, 0, 0, 1] = selected[0, 0, 2, 1] = True          # head 0: queries 0, 2 chose chunk 1
     selected[0, 1, 1, 0] = True                                 # head 1: query 1 chose chunk 0
-    q_row, out_row, block, cu_q, cu_k = kernels.pack_history(selected, Lq, nh, T)
+    q_row, out_row, block, cu_q, cu_k = fast_attn.pack_history(selected, Lq, nh, T)
     assert block.tolist() == [1, 2]                             # (b nh + h) Nh + j: (h 0, j 1), (h 1, j 0)
     assert cu_q.tolist() == [0, 2, 3] and cu_k.tolist() == [0, 4, 8]
     assert q_row.tolist() == [0 * nh + 0, 2 * nh + 0, 1 * nh + 1]   # (b Lq + i) nh + h
@@ -93,20 +93,20 @@ def test_packing_indexes_what_it_says():
 @pytest.mark.parametrize("layout", ["cached", "two_stream"])
 @pytest.mark.parametrize("lse_layout", ["heads_first", "tokens_first"])
 def test_varlen_branches_equal_the_plain_ones_and_the_reference(layout, lse_layout):
-    """Each branch (o and LSE) against kernels.plain_branches; the merged output and its gradients against plain and
+    """Each branch (o and LSE) against fast_attn.plain_branches; the merged output and its gradients against plain and
     against the dense-mask reference (the sdpa backend). Queries with no history chunk (the first chunk) included."""
     q, k, v, selected, T, chunk, stream = routed_case(layout)
     kernel = fake_kernel(lse_layout=lse_layout)
     with torch.no_grad():
-        got = kernels.varlen_branches(q, k, v, selected, T, kernel)
-        want = kernels.plain_branches(q, k, v, selected, T)
+        got = fast_attn.varlen_branches(q, k, v, selected, T, kernel)
+        want = fast_attn.plain_branches(q, k, v, selected, T)
     for (o, lse), (o_ref, lse_ref) in zip(got, want):
         assert rel_err(o, o_ref) <= 1e-5
         assert torch.equal(lse.isinf(), lse_ref.isinf())                           # -inf: no chunk chosen
         assert rel_err(lse[lse_ref.isfinite()], lse_ref[lse_ref.isfinite()]) <= 1e-5
     assert want[1][1].isinf().any() and want[1][1].isfinite().any()              # both kinds of query present
-    ours = out_and_grads(q, k, v, selected, T, lambda *a: kernels.varlen_branches(*a, kernel))
-    plain = out_and_grads(q, k, v, selected, T, kernels.plain_branches)
+    ours = out_and_grads(q, k, v, selected, T, lambda *a: fast_attn.varlen_branches(*a, kernel))
+    plain = out_and_grads(q, k, v, selected, T, fast_attn.plain_branches)
     ref = rf.attention(q, k, v, rf.routed_mask(selected, chunk, stream))
     sdpa = (ref, *torch.autograd.grad(ref.square().sum(), (q, k, v)))
     for name, a, b, c in zip("o dq dk dv".split(), ours, plain, sdpa):
@@ -117,7 +117,7 @@ def test_off_by_one_sequence_boundaries_fail(monkeypatch):
     """Wrong variant: cu_seqlens with one inner boundary moved by one row (a query read against its neighbour's
     chunk) must fail the comparison, so the test above cannot pass by accident."""
     q, k, v, selected, T, chunk, stream = routed_case("two_stream")
-    right = kernels.pack_history
+    right = fast_attn.pack_history
 
     def shifted(*args):
         q_row, out_row, block, cu_q, cu_k = right(*args)
@@ -125,9 +125,9 @@ def test_off_by_one_sequence_boundaries_fail(monkeypatch):
         cu_q[len(cu_q) // 2] += 1
         return q_row, out_row, block, cu_q, cu_k
 
-    monkeypatch.setattr(kernels, "pack_history", shifted)
+    monkeypatch.setattr(fast_attn, "pack_history", shifted)
     with torch.no_grad():
-        o = rf.two_branch_attention(q, k, v, selected, T, lambda *a: kernels.varlen_branches(*a, fake_kernel()))
+        o = rf.two_branch_attention(q, k, v, selected, T, lambda *a: fast_attn.varlen_branches(*a, fake_kernel()))
         assert differs(o, rf.attention(q, k, v, rf.routed_mask(selected, chunk, stream)))
 
 
@@ -136,9 +136,9 @@ def test_without_the_lse_gradient_the_gradients_are_wrong(monkeypatch):
     autograd alone) q's and k's gradients must be wrong, while the values stay right."""
     q, k, v, selected, T, chunk, stream = routed_case("two_stream")
     kernel = fake_kernel()
-    right = out_and_grads(q, k, v, selected, T, kernels.plain_branches)
-    monkeypatch.setattr(kernels._LSEGrad, "apply", lambda lse, *rest: lse)
-    wrong = out_and_grads(q, k, v, selected, T, lambda *a: kernels.varlen_branches(*a, kernel))
+    right = out_and_grads(q, k, v, selected, T, fast_attn.plain_branches)
+    monkeypatch.setattr(fast_attn._LSEGrad, "apply", lambda lse, *rest: lse)
+    wrong = out_and_grads(q, k, v, selected, T, lambda *a: fast_attn.varlen_branches(*a, kernel))
     assert rel_err(wrong[0], right[0]) <= 1e-5 and rel_err(wrong[3], right[3]) <= 1e-5   # o and dv need no LSE
     assert differs(wrong[1], right[1]) and differs(wrong[2], right[2])
 
@@ -146,7 +146,7 @@ def test_without_the_lse_gradient_the_gradients_are_wrong(monkeypatch):
 @pytest.fixture
 def cpu_varlen(monkeypatch):
     """attn_backend 'varlen' served by the stand-in, so the model's whole path runs on the CPU."""
-    monkeypatch.setitem(kernels.KERNELS, "varlen", fake_kernel)
+    monkeypatch.setitem(fast_attn.KERNELS, "varlen", fake_kernel)
 
 
 @pytest.mark.parametrize("rule", [dict(top_k=1), dict(window=1, sink=True)])

@@ -1,5 +1,5 @@
 """
-kernels.py -- the tuned attention paths behind rf.py's attention calls.
+fast_attn.py -- the tuned attention paths behind rf.py's attention calls.
 
 rf.py defines what every attention computes, readably: one mask rule, the router, and the paper's two-branch
 attention (own chunk + chosen history chunks, merged through their log-sum-exps). This module computes the same
@@ -444,7 +444,7 @@ def lse_kernel_call(kernel, q, k, v, cu_q, cu_k, max_q, max_k):
 
 
 def varlen_branches(q, k, v, selected, chunk_tokens, kernel):
-    """kernels.two_branches computed by a varlen kernel: ((o, lse) own chunk, (o, lse) history), o (B, nh, Lq, hd)
+    """fast_attn.two_branches computed by a varlen kernel: ((o, lse) own chunk, (o, lse) history), o (B, nh, Lq, hd)
     fp32, lse (B, nh, Lq). q: (B, Lq, nh, hd); k, v: (B, Lk, nh, hd), opening with Nh history chunks of T tokens;
     selected: (B, nh, Lq, Nh); kernel: (q, k, v, cu_q, cu_k, max_q, max_k) -> (out, lse), e.g. torch_varlen()."""
     T, (B, Lq, nh, hd), Nh = chunk_tokens, q.shape, selected.shape[-1]
