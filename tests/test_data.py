@@ -259,3 +259,46 @@ def test_a_wrong_bounce_would_fail_the_closed_form():
     assert not np.array_equal(exact, short)
     sticky = np.concatenate([exact[:8], [exact[7]], exact[8:19]])
     assert not np.array_equal(exact, sticky)
+
+
+# ----------------------------------------------------------------------------
+# The textured toy: each object carries its own random pattern
+# ----------------------------------------------------------------------------
+
+def test_textured_option_leaves_the_flat_data_unchanged():
+    flat = make_dataset(seed=5, num_clips=6, num_frames=12)
+    again = make_dataset(seed=5, num_clips=6, num_frames=12, textured=False)
+    np.testing.assert_array_equal(flat["frames"], again["frames"])
+    assert "textures" not in flat
+
+
+def test_the_pattern_is_carried_by_the_object():
+    """Every frame of a textured clip is the exact translate of its first frame by the object's motion (the
+    pattern moves with the object, whole pixels), its lit pixels are the flat clip's shape, its shades are the
+    colour and TEXTURE_DARK times it, and each clip has a pattern of its own."""
+    data = make_dataset(seed=4, num_clips=8, num_frames=20, textured=True)
+    assert data["textures"].shape == (8, 2, shapes.TEXTURE_SIZE, shapes.TEXTURE_SIZE)
+    assert len({data["textures"][i, 0].tobytes() for i in range(8)}) == 8
+    for i in range(8):
+        frames, centres = data["frames"][i], data["centres"][i, :, 0]
+        rgb = np.array(PALETTE[COLOURS[data["colours"][i, 0]]])
+        dark = np.round(shapes.TEXTURE_DARK * rgb)
+        lit = frames.max(-1) > 0
+        assert {tuple(c) for c in frames[lit]} == {tuple(rgb), tuple(dark)}   # both shades, nothing else
+        blocks = data["textures"][i, 0]
+        assert np.array_equal(blocks[::2, ::2], blocks[1::2, 1::2])        # 2x2-pixel blocks
+        y0, x0 = np.floor(centres[0]).astype(int)
+        for t in range(1, 20):
+            dy, dx = np.floor(centres[t]).astype(int) - (y0, x0)
+            moved = np.roll(frames[0], (dy, dx), axis=(0, 1))
+            assert np.array_equal(frames[t], moved), (i, t)
+
+
+def test_textured_data_keeps_the_prefix_property_and_the_files_load():
+    short = make_dataset(seed=9, num_clips=4, num_frames=6, textured=True)
+    long = make_dataset(seed=9, num_clips=4, num_frames=24, textured=True)
+    np.testing.assert_array_equal(short["frames"], long["frames"][:, :6])
+    data = load_dataset(shapes.TEXTURED_TEST_PATH)
+    assert data["frames"].shape == (128, 64, FRAME_SIZE, FRAME_SIZE, 3) and data["textures"].shape[0] == 128
+    fresh = make_dataset(seed=2, num_clips=5, num_frames=16, textured=True)
+    np.testing.assert_array_equal(load_dataset(shapes.TEXTURED_TRAIN_PATH)["frames"][:5], fresh["frames"])

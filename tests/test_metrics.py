@@ -4,6 +4,8 @@ Each metric must be at its floor on ground-truth clips and must move when the
 clip is corrupted in the way the metric is meant to catch.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from tiny_data.metrics import (
     MAX_DISTANCE, colour_error, evaluate, ground_truth_floor, motion_error,
     object_persistence, persistence_rate, shape_fidelity, snap, visible_objects,
 )
+from tiny_data import metrics
 from tiny_data.shapes import COLOURS, FRAME_SIZE, PALETTE, TEST_PATH, load_dataset, make_dataset
 
 KEYS = ("centres", "colours", "shapes", "radii")
@@ -231,3 +234,43 @@ def test_shape_fidelity_ignores_objects_hidden_in_the_truth(data):
     f = fidelity(data["frames"][i], data, i)
     assert np.all(f == 1.0)                          # the hidden object is not scored, so not a 0
     assert "shape_fidelity" in evaluate(data["frames"][i], info(data, i))
+
+
+# ----------------------------------------------------------------------------
+# The textured toy's scores
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def textured():
+    from tiny_data.shapes import TEXTURED_TEST_PATH
+    return load_dataset(TEXTURED_TEST_PATH)
+
+
+def test_textured_scores_are_perfect_on_the_truth(textured):
+    for i in range(0, 128, 9):
+        frames = textured["frames"][i]
+        s = metrics.textured_scores(frames[2:], frames[2:], frames[:2])
+        assert np.allclose(s["detail_kept"], 1) and np.all(s["present"] == 1) and np.all(s["lit_iou"] == 1)
+        assert np.all(s["psnr"] == 60) and np.all(s["shade_error"] < 1e-3)   # uint8 rounding of the dark shade
+
+
+def test_textured_scores_fall_for_a_blur_a_flat_object_a_fade_and_a_shift(textured):
+    """What the evidence needs them to see: a blurred or a flat (untextured) object keeps its place but loses
+    detail; a faded one loses detail and presence; a black frame loses everything; a shift loses only fidelity."""
+    frames = textured["frames"][:16, 2:10].astype(float)
+    prompt = textured["frames"][:16, :2]
+    padded = np.pad(frames, ((0, 0), (0, 0), (1, 1), (1, 1), (0, 0)), mode="edge")
+    blur = sum(padded[:, :, a:a + 16, b:b + 16] for a in range(3) for b in range(3)) / 9
+    flat = np.where(frames.max(-1, keepdims=True) > 0, frames.max((2, 3), keepdims=True), 0)
+    variants = {"blur": blur, "flat": flat, "fade": frames * 0.3, "black": frames * 0,
+                "shift": np.roll(frames, 2, axis=3)}
+    s = {name: [metrics.textured_scores(v[i].astype(np.uint8), frames[i].astype(np.uint8), prompt[i])
+                for i in range(16)] for name, v in variants.items()}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")                                 # a black frame has no shade to score
+        mean = {name: {k: np.nanmean([r[k] for r in rows]) for k in rows[0]} for name, rows in s.items()}
+    assert mean["blur"]["detail_kept"] < 0.2 and mean["blur"]["present"] == 1
+    assert mean["flat"]["detail_kept"] < 0.8 and mean["flat"]["lit_iou"] == 1
+    assert mean["fade"]["detail_kept"] < 0.2 and mean["fade"]["present"] <= 0.5
+    assert mean["black"]["detail_kept"] < 1e-3 and mean["black"]["present"] == 0 and mean["black"]["lit_iou"] == 0
+    assert mean["shift"]["detail_kept"] > 0.9 and mean["shift"]["lit_iou"] < 0.7 and mean["shift"]["psnr"] < 20

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiny_data.shapes import BACKGROUND, COLOURS, FRAME_SIZE, PALETTE, SHAPES, render
+from tiny_data.shapes import BACKGROUND, COLOURS, FRAME_SIZE, PALETTE, SHAPES, TEXTURE_DARK, render
 
 # Allowed colours in [0, 1] units: the palette in COLOURS order, then black.
 # A snapped label k < len(COLOURS) is palette colour COLOURS[k]; the label
@@ -327,6 +327,78 @@ def shape_fidelity(frames, true_centres, colours, shapes, radii,
         scored += use
     with np.errstate(invalid="ignore", divide="ignore"):
         return total / scored
+
+
+# ----------------------------------------------------------------------------
+# The textured toy (shapes.make_dataset(..., textured=True))
+# ----------------------------------------------------------------------------
+# Each object carries a fine random pattern, and only the history holds it. A model that forgets or blurs its
+# history loses the pattern first: its object goes smooth, then dark. Two kinds of score, per frame:
+#   against the truth  psnr, lit_iou: is it the right object in the right place?
+#   without the truth  detail_kept, present, shade_error: measured against the prompt (the true frames the model
+#                      was given), so they say how much of the object and its detail survive, right or not.
+# The truth's own detail and lit area do not change from frame to frame (the object only moves), so the prompt's
+# are the truth's.
+
+LIT = 0.175          # a pixel is lit when a channel exceeds this (half of the dark shade, TEXTURE_DARK = 0.35)
+
+
+def lit_mask(frames) -> np.ndarray:
+    """bool (F, H, W): the pixels that belong to an object (any channel above LIT)."""
+    return to_unit_rgb(frames).max(axis=-1) > LIT
+
+
+def detail_energy(frames) -> np.ndarray:
+    """float (F,): the mean squared 4-neighbour Laplacian over pixels and channels (the frame's edges and its
+    texture). The black background continues outside the frame, and the ring just outside is counted too, so an
+    object touching the border keeps all of its detail."""
+    x = np.pad(to_unit_rgb(frames), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    lap = 4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]
+    return (lap ** 2).mean(axis=(1, 2, 3))
+
+
+def detail_kept(frames, reference) -> np.ndarray:
+    """float (F,) in [0, 1]: exp(-|log(E / E_ref)|) of each frame's detail_energy E against the reference frames'
+    mean. 1: as much detail as the reference; a smooth blob, a faded or a vanished object, or noise all score less
+    (0.5: half or twice the reference's)."""
+    energy, ref = detail_energy(frames), detail_energy(reference).mean()
+    return np.exp(-np.abs(np.log((energy + 1e-6) / (ref + 1e-6))))
+
+
+def present(frames, reference) -> np.ndarray:
+    """float (F,) of 1.0 / 0.0: the frame has at least half as many lit pixels as the reference frames' mean."""
+    return (lit_mask(frames).sum(axis=(1, 2)) >= 0.5 * lit_mask(reference).sum(axis=(1, 2)).mean()).astype(float)
+
+
+def shade_error(frames) -> np.ndarray:
+    """float (F,): the mean RGB distance (/ sqrt 3) of the lit pixels to the nearest allowed shade (a palette colour,
+    or TEXTURE_DARK times one); NaN for a frame with no lit pixel."""
+    shades = np.concatenate([ALLOWED_RGB[:len(COLOURS)], TEXTURE_DARK * ALLOWED_RGB[:len(COLOURS)]])
+    x = to_unit_rgb(frames)
+    d = np.sqrt(((x[..., None, :] - shades) ** 2).sum(-1)).min(-1) / MAX_DISTANCE      # (F, H, W)
+    lit = lit_mask(frames)
+    with np.errstate(invalid="ignore"):
+        return (d * lit).sum(axis=(1, 2)) / lit.sum(axis=(1, 2))
+
+
+def psnr(frames, truth) -> np.ndarray:
+    """float (F,): 10 log10(1 / MSE) in dB, RGB in [0, 1] (capped at 60 dB for an exact frame)."""
+    mse = ((to_unit_rgb(frames) - to_unit_rgb(truth)) ** 2).mean(axis=(1, 2, 3))
+    return 10 * np.log10(1 / np.maximum(mse, 1e-6))
+
+
+def lit_iou(frames, truth) -> np.ndarray:
+    """float (F,): the overlap (IoU) of the lit pixels with the truth's (1 when both are empty)."""
+    a, b = lit_mask(frames), lit_mask(truth)
+    union = (a | b).sum(axis=(1, 2))
+    return np.where(union > 0, (a & b).sum(axis=(1, 2)) / np.maximum(union, 1), 1.0)
+
+
+def textured_scores(frames, truth, prompt) -> dict:
+    """Every textured-toy score of one clip's frames (F, H, W, 3) against its truth (same frames) and its prompt
+    (the true frames the model was given): {name: float (F,)}."""
+    return {"detail_kept": detail_kept(frames, prompt), "present": present(frames, prompt),
+            "shade_error": shade_error(frames), "psnr": psnr(frames, truth), "lit_iou": lit_iou(frames, truth)}
 
 
 # ----------------------------------------------------------------------------

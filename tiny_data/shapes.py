@@ -72,6 +72,16 @@ TEST_PATH = DATA_DIR / "test.npz"
 PREVIEW_PATH = DATA_DIR / "preview.png"
 REGENERATE_HINT = "run `python -m tiny_data.shapes` to regenerate"
 
+# The textured toy: each object carries its own random pattern, so it has fine detail that only the history holds
+# (the caption does not say it). A model that blurs or forgets the history loses the detail first.
+TEXTURE_BLOCK = 2                    # the pattern is made of TEXTURE_BLOCK x TEXTURE_BLOCK pixel blocks ...
+TEXTURE_SIZE = FRAME_SIZE            # ... tiling a TEXTURE_SIZE x TEXTURE_SIZE square that moves with the object
+TEXTURE_DARK = 0.35                  # an "off" block shows the object's colour times this
+TEXTURED_TRAIN_PATH = DATA_DIR / "textured_train.npz"
+TEXTURED_TEST_PATH = DATA_DIR / "textured_test.npz"
+TEXTURED_PREVIEW_PATH = DATA_DIR / "textured_preview.png"
+TEXTURED_HINT = "run `python -m tiny_data.shapes --textured` to make it"
+
 
 # ----------------------------------------------------------------------------
 # Simulation
@@ -171,32 +181,62 @@ def shape_mask(shape: str, centre, radius: float, size: int = FRAME_SIZE) -> np.
     raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 
 
+def make_texture(rng: np.random.Generator) -> np.ndarray:
+    """A random bool (TEXTURE_SIZE, TEXTURE_SIZE) pattern of TEXTURE_BLOCK-pixel blocks, each on or off."""
+    blocks = rng.random((TEXTURE_SIZE // TEXTURE_BLOCK,) * 2) < 0.5
+    return np.kron(blocks, np.ones((TEXTURE_BLOCK, TEXTURE_BLOCK), dtype=bool))
+
+
+def object_colours(colour: str, centre, texture: np.ndarray | None, size: int = FRAME_SIZE) -> np.ndarray:
+    """float (size, size, 3) RGB of an object everywhere in the frame (the shape mask picks its pixels).
+
+    Flat: the palette colour. Textured: the pattern is carried by the object, shifted by its centre pixel, so
+    it moves with the object exactly; "off" pixels show the colour times TEXTURE_DARK.
+    """
+    rgb = np.array(PALETTE[colour], dtype=np.float64)
+    if texture is None:
+        return np.broadcast_to(rgb, (size, size, 3))
+    cy, cx = int(np.floor(centre[0])), int(np.floor(centre[1]))
+    rows = (np.arange(size) - cy) % TEXTURE_SIZE
+    cols = (np.arange(size) - cx) % TEXTURE_SIZE
+    shade = np.where(texture[np.ix_(rows, cols)], 1.0, TEXTURE_DARK)
+    return shade[..., None] * rgb
+
+
 def render(objects: list[dict], centres: np.ndarray, size: int = FRAME_SIZE) -> np.ndarray:
-    """Draw uint8 (F, size, size, 3) frames; later objects are drawn over earlier ones."""
+    """Draw uint8 (F, size, size, 3) frames; later objects are drawn over earlier ones.
+
+    An object with a "texture" (see make_texture) is drawn with its pattern; one without is flat.
+    """
     frames = np.zeros((len(centres), size, size, 3), dtype=np.uint8)
     frames[:] = BACKGROUND
     for t, frame_centres in enumerate(centres):
         for obj, centre in zip(objects, frame_centres):
             mask = shape_mask(obj["shape"], centre, obj["radius"], size)
-            frames[t][mask] = PALETTE[obj["colour"]]
+            rgb = object_colours(obj["colour"], centre, obj.get("texture"), size)
+            frames[t][mask] = np.round(rgb[mask]).astype(np.uint8)
     return frames
 
 
 def make_clip(rng: np.random.Generator, num_frames: int, size: int = FRAME_SIZE,
-              max_objects: int = MAX_OBJECTS, turn: float = 0.0) -> dict:
+              max_objects: int = MAX_OBJECTS, turn: float = 0.0, textured: bool = False) -> dict:
     """Generate one clip.
 
     The random initial state is drawn first (independently of num_frames) and
     the motion is then deterministic, so with the same seed a 12-frame clip
-    equals the first 12 frames of a 64-frame clip.
+    equals the first 12 frames of a 64-frame clip. textured=True gives each
+    object a random pattern (make_texture), drawn right after the state.
 
     Returns a dict with
       frames:  uint8 (F, H, W, 3)
       caption: str, e.g. "red circle, blue square" (objects in drawing order)
-      objects: list of {"colour", "shape", "radius"} dicts
+      objects: list of {"colour", "shape", "radius"} dicts (and "texture" if textured)
       centres: float32 (F, n_obj, 2) (y, x) pixel centres per frame
     """
     state = sample_state(rng, size, max_objects)
+    if textured:
+        for obj in state["objects"]:
+            obj["texture"] = make_texture(rng)
     centres = simulate(state, num_frames, size, turn, rng)
     objects = state["objects"]
     return {"frames": render(objects, centres, size),
@@ -256,7 +296,7 @@ def detokenize(tokens) -> str:
 # ----------------------------------------------------------------------------
 
 def make_dataset(seed: int, num_clips: int, num_frames: int, size: int = FRAME_SIZE,
-                 max_objects: int = SHIPPED_OBJECTS, turn: float = 0.0) -> dict:
+                 max_objects: int = SHIPPED_OBJECTS, turn: float = 0.0, textured: bool = False) -> dict:
     """Generate num_clips clips from one seeded generator, stacked into arrays.
 
     Returns a dict with (N = num_clips, F = num_frames, padded to 2 objects):
@@ -267,6 +307,7 @@ def make_dataset(seed: int, num_clips: int, num_frames: int, size: int = FRAME_S
       colours:     int64   (N, 2) index into COLOURS; -1 if absent
       shapes:      int64   (N, 2) index into SHAPES; -1 if absent
       radii:       float32 (N, 2) half-extents; NaN if absent
+      textures:    bool    (N, 2, TEXTURE_SIZE, TEXTURE_SIZE), only if textured (all False if absent)
     """
     rng = np.random.default_rng(seed)
     k = MAX_OBJECTS
@@ -279,8 +320,10 @@ def make_dataset(seed: int, num_clips: int, num_frames: int, size: int = FRAME_S
         "shapes": np.full((num_clips, k), -1, dtype=np.int64),
         "radii": np.full((num_clips, k), np.nan, dtype=np.float32),
     }
+    if textured:
+        data["textures"] = np.zeros((num_clips, k, TEXTURE_SIZE, TEXTURE_SIZE), dtype=bool)
     for i in range(num_clips):
-        clip = make_clip(rng, num_frames, size, max_objects=max_objects, turn=turn)
+        clip = make_clip(rng, num_frames, size, max_objects=max_objects, turn=turn, textured=textured)
         n = len(clip["objects"])
         data["frames"][i] = clip["frames"]
         data["captions"].append(clip["caption"])
@@ -290,15 +333,18 @@ def make_dataset(seed: int, num_clips: int, num_frames: int, size: int = FRAME_S
             data["colours"][i, j] = COLOURS.index(obj["colour"])
             data["shapes"][i, j] = SHAPES.index(obj["shape"])
             data["radii"][i, j] = obj["radius"]
+            if textured:
+                data["textures"][i, j] = obj["texture"]
     return data
 
 
 DATASET_KEYS = ("frames", "captions", "centres", "num_objects", "colours", "shapes", "radii")
+OPTIONAL_KEYS = ("textures",)        # the textured toy's patterns
 
 
 def save_dataset(path, data: dict) -> None:
     """Save a make_dataset dict with np.savez_compressed (no pickled objects)."""
-    arrays = {key: np.asarray(data[key]) for key in DATASET_KEYS}
+    arrays = {key: np.asarray(data[key]) for key in DATASET_KEYS + OPTIONAL_KEYS if key in data}
     arrays["captions"] = np.array(data["captions"], dtype=np.str_)  # unicode array
     np.savez_compressed(path, **arrays)
 
@@ -315,6 +361,7 @@ def load_dataset(path) -> dict:
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {key: npz[key] for key in DATASET_KEYS}
+            data.update({key: npz[key] for key in OPTIONAL_KEYS if key in npz.files})
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise ValueError(f"data set file {path} is corrupt or incomplete "
                          f"({type(err).__name__}: {err}); {REGENERATE_HINT}") from None
@@ -351,18 +398,26 @@ def save_preview(data: dict, path, num_clips: int = 8, num_frames: int = 8,
     sheet.save(path)
 
 
-def main() -> None:
-    """Regenerate the shipped files deterministically and print their sizes."""
-    jobs = [(TRAIN_PATH, dict(seed=0, num_clips=2000, num_frames=16)),
-            (TEST_PATH, dict(seed=1, num_clips=128, num_frames=64))]  # held out
+def main(argv=None) -> None:
+    """Regenerate the shipped files (or, with --textured, make the textured toy's) and print their sizes."""
+    import argparse
+    p = argparse.ArgumentParser(description="Write the toy data sets (deterministic).")
+    p.add_argument("--textured", action="store_true",
+                   help="write the textured toy's files instead (textured_train.npz, textured_test.npz)")
+    textured = p.parse_args(argv).textured
+    # The textured sets have their own seeds, so no textured clip repeats a flat clip's motion.
+    train, test, preview = ((TEXTURED_TRAIN_PATH, TEXTURED_TEST_PATH, TEXTURED_PREVIEW_PATH) if textured
+                            else (TRAIN_PATH, TEST_PATH, PREVIEW_PATH))
+    jobs = [(train, dict(seed=2 if textured else 0, num_clips=2000, num_frames=16)),
+            (test, dict(seed=3 if textured else 1, num_clips=128, num_frames=64))]  # held out
     for path, kwargs in jobs:
-        data = make_dataset(**kwargs)
+        data = make_dataset(**kwargs, textured=textured)
         save_dataset(path, data)
         print(f"{path.name}: {data['frames'].shape} frames, "
               f"{path.stat().st_size / 1e6:.2f} MB")
-        if path == TRAIN_PATH:
-            save_preview(data, PREVIEW_PATH)
-    print(f"{PREVIEW_PATH.name}: {PREVIEW_PATH.stat().st_size / 1e3:.1f} kB")
+        if path == train:
+            save_preview(data, preview)
+    print(f"{preview.name}: {preview.stat().st_size / 1e3:.1f} kB")
 
 
 if __name__ == "__main__":
