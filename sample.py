@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import checkpoints
 import cli
@@ -254,7 +253,7 @@ def rollout(dit, text_encoder, captions, prefix, args, device):
     fpc = dit.cfg.frames_per_chunk
     context, neg_context = text_encoder.contexts(captions)
     P = 0 if prefix is None else prefix.shape[1]
-    bar = tqdm(total=(args.frames - P) // fpc, desc="chunks", dynamic_ncols=True)
+    bar = cli.progress(total=(args.frames - P) // fpc, desc="chunks", dynamic_ncols=True)
 
     def progress(i):                               # called after chunk i is finished (and written to the cache)
         bar.update()
@@ -369,7 +368,7 @@ def main_wan(args, overrides, device, meta):
         if args.compile:
             print(UNVERIFIED_COMPILE)
             fast_attn.compile_blocks(dit)
-        bar = tqdm(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
+        bar = cli.progress(total=num_latent // cfg.frames_per_chunk, desc="chunks", dynamic_ncols=True)
         with cli.autocast(device):
             latents = rf.generate(dit, context.to(device), num_latent, steps=args.steps, shift=args.shift,
                                   cfg_scale=args.cfg, neg_context=neg_context.to(device),
@@ -413,12 +412,13 @@ def decode_wan(latents, latents_file, vae_source, device, out):
     for i in range(num):
         path = out / f"{stem}_{i}.mp4"
         with imageio.get_writer(path, fps=wan.WAN_FPS, macro_block_size=16) as writer:
-            for pixels in tqdm(wan.vae_decode_chunks(vae, latents[i:i + 1]), total=num_latent,
-                               desc=f"decode {path.name}", dynamic_ncols=True):
+            for pixels in cli.progress(wan.vae_decode_chunks(vae, latents[i:i + 1]), total=num_latent,
+                                       desc=f"decode {path.name}", dynamic_ncols=True):
                 for frame in media.to_uint8(pixels)[0]:
                     writer.append_data(frame)
         print(f"wrote {path} ({frames} frames, {height}x{width}, {wan.WAN_FPS} fps)")
 
 
 if __name__ == "__main__":
-    main()
+    with cli.parts_written("sample.py"):
+        main()

@@ -78,7 +78,8 @@ class Train:
     sample: bool = option(True, "write sample GIFs with sample.py at the end")
     on_nan: str = option("stop", "non-finite loss or gradient: stop (keeping the last checkpoint) | skip the step")
     on_bad_clip: str = option("skip", "a corrupt, short or wrong-size clip in a --data folder: skip (warn) | stop")
-    dry_run: bool = option(False, "Wan presets: check both checkpoint key layouts, print memory needs, exit")
+    dry_run: bool = option(False, "print what would be trained and exit (Wan presets: memory needs and both "
+                                  "checkpoint key layouts)")
     grad_checkpointing: bool = option(False, "recompute each block in backward: far less activation memory")
     compile: bool = option(False, "compile each DiT block (fast_attn.compile_blocks): pays on a GPU, not on a CPU")
     # Wan presets only: where the weights come from (a local folder or a hub id), and the latent cache
@@ -215,12 +216,22 @@ def main(argv=None):
     given, overrides = parse_args(argv)
     train = Train(**{**(WAN_DEFAULTS if is_wan(given.get("preset", Train.preset)) else {}), **given})
     if train.dry_run:              # builds the model on the meta device only: nothing is allocated or trained
-        return print(wan.wan_memory_report(rf.preset(train.preset, **overrides)))
+        return print(dry_run(train, overrides))
     cli.check_ranges(train, TRAIN_RANGES)
     try:
         train, cfg, resumed = settings(train, given, overrides)
     except ValueError as e:
         cli.fail(e)
+    made = cli.new_folders(train.out)                      # a run that fails before its first checkpoint
+    try:                                                   # leaves no empty --out behind
+        with cli.parts_written("train.py"):
+            run_training(train, cfg, resumed, overrides)
+    except BaseException:
+        cli.remove_if_empty(made)
+        raise
+
+
+def run_training(train, cfg, resumed, overrides):
     if train.steps == 0 and not is_wan(train.preset):     # only the Wan presets have something to prepare
         cli.fail(f"--steps 0 trains nothing (the {train.preset} preset has no cache to build first): pass the step to "
                  f"stop at, e.g. --steps {Train.steps}")
@@ -235,8 +246,8 @@ def main(argv=None):
     if resumed:
         say(f"resumed from {resumed[0]} at step {run.start} ({resumed[1]['stage']})")
     log = LossLog(run.out, speak=run.rank == 0)
-    bar = tqdm(range(run.start, train.steps), initial=run.start, total=train.steps, desc="train",
-               dynamic_ncols=True, disable=run.rank != 0)
+    bar = cli.progress(range(run.start, train.steps), initial=run.start, total=train.steps, desc="train",
+                       dynamic_ncols=True, disable=run.rank != 0)
     stopping, t0 = False, time.time()
     with cli.stop_requests() as stop:                      # Ctrl-C: finish the step, save, exit
         for step in bar:
@@ -268,6 +279,26 @@ def main(argv=None):
         raise cli.Stopped(f"stopped at step {step + 1}, saved in {run.last_ckpt}: {hint}" if run.rank == 0 else 1)
     if run.rank == 0 and run.last_ckpt is not None:
         finish(run)
+
+
+def dry_run(train, overrides):
+    """--dry_run: Wan's memory estimate and key layouts; for the toy, the model and sequence it would train."""
+    cfg = rf.preset(train.preset, **overrides)
+    if is_wan(train.preset):
+        try:
+            return wan.wan_memory_report(cfg)
+        except ValueError as e:
+            cli.fail(e)
+    fpc, (H, W) = cfg.frames_per_chunk, cfg.frame_size
+    if train.clip_frames % fpc:
+        cli.fail(f"--clip_frames {train.clip_frames} is not a multiple of frames_per_chunk {fpc}")
+    with torch.device("meta"):
+        model = rf.DiT(cfg)
+    S = model.tokens_per_frame(H, W)
+    return (f"{train.preset}: DiT {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters (built on the "
+            f"meta device, nothing allocated); {train.clip_frames}-frame clips of {H}x{W} in chunks of {fpc}: "
+            f"{S} tokens per frame, a training sequence [history ; noisy] of (2 x {train.clip_frames} - {fpc}) x "
+            f"{S} = {(2 * train.clip_frames - fpc) * S} tokens; batch {train.batch_size}. Nothing trained or written")
 
 
 def settings(train, given, overrides):

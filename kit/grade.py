@@ -5,8 +5,9 @@ Each part's checks (kit/checks.py) compare your code with the project's own equi
 the method must have; none of them stores an answer. A part passes when all its checks pass. A part whose
 prerequisite fails is reported "blocked by part N", not failed: fix that part first.
 
-    python -m kit.grade                  # every part
-    python -m kit.grade --part mask      # one part (and what it needs)
+    python -m kit.grade                      # your parts (in a student copy), or every part
+    python -m kit.grade --part mask          # one part (and what it needs)
+    python -m kit.grade --part mask,loss     # several: mask,loss or mask loss
 """
 
 import argparse
@@ -16,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from kit.parts import PARTS
+from kit.parts import PARTS, assigned_parts, parse_parts
 
 
 def run_part(name, checks):
@@ -65,12 +66,15 @@ def grade(names):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", nargs="*", default=list(PARTS), choices=list(PARTS), metavar="NAME",
-                   help=f"parts to grade (default all): {', '.join(PARTS)}")
+    mine = assigned_parts()
+    p.add_argument("--part", "--parts", nargs="+", metavar="NAME",
+                   help=f"parts to grade, as mask,loss or mask loss (default: "
+                        f"{'your parts, ' + ','.join(mine) if mine else 'all'}); from: {', '.join(PARTS)}")
     p.add_argument("--json", default="grade.json", help="where to write the results")
     args = p.parse_args(argv)
+    names = parse_parts(args.part) if args.part else mine or list(PARTS)
     try:
-        results = grade(args.part)
+        results = grade(names)
     except Exception as e:                                         # rf.py does not even import
         sys.exit(f"error: rf.py does not import: {type(e).__name__}: {e}")
     print(f"{'part':<24} {'points':>6}  {'result':<28} first failing check")

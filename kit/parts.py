@@ -6,12 +6,14 @@ and `# [end: NAME]` after them. A part may have several such regions. The studen
 and replaces what lies between them by one line that raises NotImplementedError.
 """
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKED_FILES = ("rf.py", "fast_attn.py")
+ASSIGNED = "kit/assigned.json"     # in a student copy: the parts it asks for, written by kit.make_student
 START = re.compile(r"^(\s*)# \[part: (\w+)\]\s*$")
 END = re.compile(r"^\s*# \[end: (\w+)\]\s*$")
 
@@ -38,13 +40,32 @@ PARTS = {p.name: p for p in [
     Part("sampler", 4, "the KV cache and the chunk-by-chunk sampler", 20, ("mask", "frame_t"),
          "euler, LayerKV.extend and Velocity.finish: integrate, write the cache, commit a finished chunk"),
     Part("resample", 5, "autoregressive self-resampling", 20, ("sampler",),
-         "the simulation timestep t_s in degrade_history, and resample_autoregressive (Eq. 5)"),
+         "the simulation timestep t_s in degrade_history, and resample_autoregressive (Eq. 5)",
+         ("tests/test_training.py",)),        # it rebuilds the resampler (and the loss) to compare
     Part("loss", 6, "the training loss", 15, ("two_stream",),
-         "training_loss: history, t per chunk, the noisy clip, one forward, the loss of Eq. 4"),
+         "training_loss: history, t per chunk, the noisy clip, one forward, the loss of Eq. 4",
+         ("tests/test_training.py",)),
     Part("routing", 7, "top-k routing and the log-sum-exp merge", 10, ("mask", "frame_t"),
          "top_k_chunks (Eq. 9), merge_lse, and fast_attn.merge_lse_many (the same merge, batched)",
          ("tests/test_routing.py", "tests/test_varlen.py")),
 ]}
+
+
+def parse_parts(given):
+    """["mask,loss"] or ["mask", "loss"] or "mask,loss" -> ["mask", "loss"] in the parts' order; one-line error."""
+    given = [given] if isinstance(given, str) else given
+    names = [n.strip() for g in given for n in g.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PARTS]
+    if unknown or not names:
+        raise SystemExit(f"error: unknown part {(unknown or [' '.join(given)])[0]!r}: choose from "
+                         f"{', '.join(PARTS)}, as mask,loss or mask loss")
+    return [p for p in PARTS if p in names]
+
+
+def assigned_parts(root=ROOT):
+    """The parts a student copy asks for, or None outside a copy."""
+    path = root / ASSIGNED
+    return json.loads(path.read_text())["parts"] if path.exists() else None
 
 
 def regions(text):

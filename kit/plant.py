@@ -86,25 +86,30 @@ def main(argv=None):
     args = p.parse_args(argv)
     files, through = project_files(), []
     wrongs = [w for w in WRONG if args.only in w.what]
-    print(f"{len(wrongs)} wrong answers, each planted in a fresh copy")
-    for w in wrongs:
-        t0 = time.time()
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp)
-            copy_project(copy, files)
-            (copy / w.file).write_text(plant((copy / w.file).read_text(), w))
-            caught, line = rejected_by_checks(copy, w.part)
-            result = f"{w.part:<11} {'rejected' if caught else 'ACCEPTED':<9} {w.what}"
-            if not caught:
-                through.append(w.what)
-            if args.suite:
-                by_suite, first = rejected_by_suite(copy)
-                result += f"\n{'':<21}suite: {'rejected by ' + first if by_suite else 'ACCEPTED: ' + first}"
-                if not by_suite:
-                    through.append(w.what + " (suite)")
-        print(f"{result}  ({time.time() - t0:.0f} s)", flush=True)
-        if caught:
-            print(f"{'':<21}{line[:110]}")
+    print(f"{len(wrongs)} wrong answers, each planted in turn in one copy of the project")
+    start = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp)
+        copy_project(copy, files)
+        for w in wrongs:
+            t0, right = time.time(), (copy / w.file).read_text()
+            (copy / w.file).write_text(plant(right, w))
+            try:
+                caught, line = rejected_by_checks(copy, w.part)
+                result = f"{w.part:<11} {'rejected' if caught else 'ACCEPTED':<9} {w.what}"
+                if not caught:
+                    through.append(w.what)
+                if args.suite:
+                    by_suite, first = rejected_by_suite(copy)
+                    result += f"\n{'':<21}suite: {'rejected by ' + first if by_suite else 'ACCEPTED: ' + first}"
+                    if not by_suite:
+                        through.append(w.what + " (suite)")
+            finally:
+                (copy / w.file).write_text(right)
+            print(f"{result}  ({time.time() - t0:.0f} s)", flush=True)
+            if caught:
+                print(f"{'':<21}{line[:110]}")
+    print(f"{time.time() - start:.0f} s in all")
     if through:
         print(f"{len(through)} wrong answers got through: {through}")
         return 1

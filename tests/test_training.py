@@ -107,6 +107,29 @@ def test_training_loss_is_flow_matching_on_ground_truth(monkeypatch):
 
 
 @torch.no_grad()
+def test_the_loss_draws_fresh_noise_from_its_generator(monkeypatch):
+    """The noise of x_t is drawn afresh: every frame of every video its own, every call its own (noise drawn once
+    and reused fails here), and all of it from the generator: the same seed gives the same noise, whatever torch's
+    global random state."""
+    model = make_model()
+    clip, ctx = _clip(B=4, N=3)
+    calls = record_two_stream_calls(model, monkeypatch)
+
+    def noise(generator, global_seed=0):
+        torch.manual_seed(global_seed)
+        rf.training_loss(model, clip, ctx, mode="none", generator=generator)
+        return recompute_eq4(calls[-1], clip)[0]
+
+    g = seeded(0)
+    first, second = noise(g), noise(g)
+    assert differs(first, second, 0.5), "a second call with the same generator drew the same noise: drawn once, reused"
+    corr = torch.corrcoef(first.flatten(0, 1).flatten(1))              # one row per frame of every video
+    corr.fill_diagonal_(0)
+    assert corr.abs().max() < 0.4, f"two frames share their noise (correlation {corr.abs().max():.2f})"
+    assert torch.equal(noise(seeded(3), 1), noise(seeded(3), 2)), "the noise does not come from the generator alone"
+
+
+@torch.no_grad()
 def test_resampling_forcing_loss_is_flow_matching_on_the_clip_not_the_history(monkeypatch):
     """Resampling Forcing ("autoregressive"): the history is the resampled one, yet both the noisy input and the
     target are built from the ground-truth clip: x_t = (1 - t) clip + t eps, target eps - clip (Eq. 4). In teacher
