@@ -53,10 +53,10 @@ def grade(names):
     results = {}
     for name in needed(names):
         blocked = [n for n in PARTS[name].needs if not results[n]["passed"]]
-        if blocked:
-            first = PARTS[blocked[0]]
-            results[name] = dict(passed=False, status=f"blocked by part {first.number} ({first.name})",
-                                 reason="", points=0, seconds=0.0)
+        if blocked:                           # name the part to fix: a blocked prerequisite's own blocker
+            first = results[blocked[0]].get("blocker") or blocked[0]
+            results[name] = dict(passed=False, status=f"blocked by part {PARTS[first].number} ({first})",
+                                 reason="", points=0, seconds=0.0, blocker=first)
             continue
         ok, reason, seconds = run_part(name, checks.CHECKS)
         results[name] = dict(passed=ok, status="passed" if ok else "failed", reason=reason,

@@ -45,14 +45,13 @@ ANSWERS = [
 
 # What each command needs written (the parts its code runs), for the front page
 COMMANDS = [
-    ("python -m kit.grade", "grades your parts", ()),
-    ("python -m pytest -q tests", "the test suite: a test that needs a part not written yet is skipped, and says "
-                                  "which", ()),
-    ("python sample.py --ckpt checkpoints/small_tf", "samples from a shipped checkpoint",
-     ("mask", "frame_t", "sampler")),
-    ("python train.py", "trains the toy (teacher forcing, then Resampling Forcing), then samples",
+    ("`python -m kit.grade`", "grades your parts", ()),
+    ("`python -m pytest -q tests`", "the test suite; a test that needs a part not written yet is skipped, and says "
+                                    "which", ()),
+    ("`python sample.py --ckpt checkpoints/small_tf`", "samples from a shipped checkpoint", ("frame_t", "sampler")),
+    ("`python train.py`", "trains the toy (teacher forcing, then Resampling Forcing), then samples",
      ("mask", "frame_t", "two_stream", "sampler", "resample", "loss")),
-    ("the questions of kit/ASSIGNMENT.md", "train, score and sample", tuple(PARTS)),
+    ("The questions of kit/ASSIGNMENT.md", "they train, score and sample", tuple(PARTS)),
 ]
 
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
@@ -131,7 +130,7 @@ def front_page(chosen):
     runs = []
     for command, what, needs in COMMANDS:
         missing = [f"{PARTS[n].number} ({n})" for n in needs if n in chosen]
-        runs.append(f"- `{command}`: {what}. " + (f"Needs your part{'s' if len(missing) > 1 else ''} "
+        runs.append(f"- {command}: {what}. " + (f"Needs your part{'s' if len(missing) > 1 else ''} "
                                                    f"{', '.join(missing)} written first; until then it says so in "
                                                    f"one line." if missing else "Runs now."))
     install = "\n".join(install_lines())
@@ -193,8 +192,8 @@ def assignment(text, chosen):
         if not dropping:
             keep.append(line)
     text = "\n".join(keep)
-    text = re.sub(r"\n## A 90-minute workshop\n.*?(?=\n## )", "\n", text, flags=re.S)
-    return text
+    text = re.sub(r"\n## A 90-minute workshop\n.*?(?=\n## )", "", text, flags=re.S)
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 def ci_script(text):

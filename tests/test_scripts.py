@@ -1,6 +1,8 @@
 """train.py and sample.py end to end, at a tiny size: what a user runs and what a user sees."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -144,6 +146,37 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000002"]
     after = load_file(str(tmp_path / "step_0000002" / "dit.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_part_not_written_yet_stops_train_in_one_line_and_leaves_no_out(tmp_path, monkeypatch):
+    """In a student copy rf.py raises NotImplementedError("part 6 (loss): write this, ...") where a part is missing:
+    train.py says which part to write, in one line, and removes the --out folders it made (nothing was saved)."""
+    def stub(*args, **kwargs):
+        raise NotImplementedError("part 6 (loss): write this, about 8 lines; see kit/ASSIGNMENT.md")
+
+    monkeypatch.setattr(rf, "training_loss", stub)
+    out = tmp_path / "runs" / "new"
+    with pytest.raises(SystemExit) as e:
+        run_train(out, "--steps", "2")
+    msg = exit_message(e)
+    assert "part 6 (loss)" in msg and "kit.grade --part loss" in msg and "\n" not in msg
+    assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_on_the_toy_prints_the_model_and_writes_nothing(tmp_path, capsys):
+    train.main(["--dry_run", "--out", str(tmp_path / "r")])
+    text = capsys.readouterr().out
+    assert "1.22M parameters" in text and "224 tokens" in text and not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_train_sent_to_a_file_writes_plain_lines_not_a_progress_bar(tmp_path):
+    from conftest import TINY_TRAIN_ARGS
+    run = subprocess.run([sys.executable, "train.py", *TINY_TRAIN_ARGS, "--out", str(tmp_path / "r"), "--steps", "4",
+                          "--log_every", "2", "--no-sample"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "\r" not in run.stdout + run.stderr and "it/s" not in run.stderr
+    assert run.stdout.count("step      2 |") == 1 and run.stdout.count("step      4 |") == 1
 
 
 def test_help_lists_model_options(capsys):
