@@ -114,7 +114,11 @@ def main(argv=None):
     try:
         main_toy(args, overrides, device)
     except (OSError, ValueError) as e:
+        cli.remove_if_empty(getattr(args, "made", []))
         cli.fail(str(e).splitlines()[0])
+    except BaseException:
+        cli.remove_if_empty(getattr(args, "made", []))
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,6 +193,7 @@ def output_folder(args, ckpts):
         print(f"samples go to {out} (pass --out to write elsewhere)")
     if (out / "samples.gif").exists():
         print(f"note: replacing the samples in {out} (pass --out to write elsewhere)")
+    args.made = cli.new_folders(out)                  # removed again if sampling fails before writing anything
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -339,6 +339,7 @@ def shape_fidelity(frames, true_centres, colours, shapes, radii,
 #                      was given), so they say how much of the object and its detail survive, right or not.
 # The truth's own detail and lit area do not change from frame to frame (the object only moves), so the prompt's
 # are the truth's.
+# NOTE(choice): detail as Laplacian energy against the prompt's (docs/method.md, "The textured toy's scores").
 
 LIT = 0.175          # a pixel is lit when a channel exceeds this (half of the dark shade, TEXTURE_DARK = 0.35)
 

@@ -74,6 +74,7 @@ REGENERATE_HINT = "run `python -m tiny_data.shapes` to regenerate"
 
 # The textured toy: each object carries its own random pattern, so it has fine detail that only the history holds
 # (the caption does not say it). A model that blurs or forgets the history loses the detail first.
+# NOTE(choice): 2x2-pixel blocks, "off" at 0.35 of the colour (docs/method.md, "The textured toy").
 TEXTURE_BLOCK = 2                    # the pattern is made of TEXTURE_BLOCK x TEXTURE_BLOCK pixel blocks ...
 TEXTURE_SIZE = FRAME_SIZE            # ... tiling a TEXTURE_SIZE x TEXTURE_SIZE square that moves with the object
 TEXTURE_DARK = 0.35                  # an "off" block shows the object's colour times this
