@@ -669,6 +669,17 @@ def _():
            "an output with no branch must get o = 0 and lse = -inf (no 0 / 0)")
 
 
+@check("routing", "routed sampling: the KV cache gives the routed recomputation, from the first chunk (fewer history "
+                  "chunks than k) on")
+def _():
+    model, (_, _, ctx) = tiny_model(top_k=2), inputs()
+    kw = dict(steps=2, size=(8, 8), seed=0)
+    cached, plain = rf.generate(model, ctx, 10, **kw), rf.generate(model, ctx, 10, use_cache=False, **kw)
+    expect(rel_err(cached, plain) <= TOL, "routed sampling with the cache differs from the routed recomputation")
+    expect(rel_err(cached, rf.generate(tiny_model(), ctx, 10, **kw)) > 1e-3, "top-2 routing samples what dense "
+                                                                            "attention samples: is routing used?")
+
+
 @check("routing", "a routed forward gives the dense-mask reference on every CPU backend")
 def _():
     x, t, ctx = inputs(chunks=4)

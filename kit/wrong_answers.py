@@ -269,4 +269,19 @@ WRONG = [
     Wrong("routing", "top_k_chunks keeps ineligible chunks when fewer than k are eligible",
           "return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, best, True) & eligible",
           "return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, best, True)"),
+    Wrong("routing", "top_k_chunks with torch.topk: fails while fewer history chunks than k exist",
+          "best = score.sort(dim=-1, descending=True, stable=True).indices[..., :k]",
+          "best = score.topk(k, dim=-1).indices"),
+    Wrong("mask", "earlier_history skips the chunk just before",
+          "return (k_stream == HISTORY) & (k_chunk < q_chunk)", "return (k_stream == HISTORY) & (k_chunk < q_chunk - 1)"),
+    Wrong("frame_t", "per-frame values spread with repeat instead of repeat_interleave",
+          "return (x.unflatten(1, (shift.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2)",
+          "return x * (1 + scale[:, :, 0].repeat(1, x.shape[1] // scale.shape[1], 1))"
+          " + shift[:, :, 0].repeat(1, x.shape[1] // shift.shape[1], 1)"),
+    Wrong("resample", "each chunk noised to t_s but denoised on the sampler's grid from t = 1",
+          "x = euler(lambda x, t: model.forward_chunk(x, t, text_kv, cache), x, grid)",
+          "x = euler(lambda x, t: model.forward_chunk(x, t, text_kv, cache), x,\n"
+          "                  time_grid(steps, 1.0)[:, None].expand(-1, B))"),
+    Wrong("loss", "the per-chunk t returned for every frame (chunk_t of shape (B, F))",
+          "return chunk_loss.mean(), chunk_loss.detach(), t", "return chunk_loss.mean(), chunk_loss.detach(), t_frames"),
 ]
