@@ -284,4 +284,20 @@ WRONG = [
           "                  time_grid(steps, 1.0)[:, None].expand(-1, B))"),
     Wrong("loss", "the per-chunk t returned for every frame (chunk_t of shape (B, F))",
           "return chunk_loss.mean(), chunk_loss.detach(), t", "return chunk_loss.mean(), chunk_loss.detach(), t_frames"),
+    Wrong("resample", "the noise drawn once and reused at every call (a fixed seed per chunk)",
+          "x = add_noise(x0, randn_like(x0, generator), ts)",
+          "x = add_noise(x0, randn_like(x0, torch.Generator().manual_seed(i)), ts)"),
+    Wrong("mask", "history queries see no earlier history: earlier_history only for noisy queries",
+          "return own_chunk | earlier_history(q_chunk, k_chunk, k_stream)",
+          "return own_chunk | (earlier_history(q_chunk, k_chunk, k_stream) & (q_stream == NOISY))"),
+    Wrong("two_stream", "the history's positions start one chunk late",
+          "pos = torch.cat([torch.arange(n_hist, device=dev), torch.arange(num_frames, device=dev)])",
+          "pos = torch.cat([torch.arange(fpc, n_hist + fpc, device=dev), torch.arange(num_frames, device=dev)])"),
+    Wrong("sampler", "the guided cache commits only the conditional branch",
+          "self.model.forward_chunk(self.pair(chunk), self.pair(zeros), self.text_kv, self.cache,\n"
+          "                                     commit=True)",
+          "self.model.forward_chunk(chunk, zeros, self.text_kv, self.cache,\n"
+          "                                     commit=True)"),
+    Wrong("routing", "merge_lse_many does not normalise by the total weight",
+          "return out / total[:, None], top + total.log()", "return out, top + total.log()", file="fast_attn.py"),
 ]
