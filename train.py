@@ -232,6 +232,7 @@ def main(argv=None):
 
 
 def run_training(train, cfg, resumed, overrides):
+    """The run, once its settings are checked: data, models, the loop, checkpoints, log and pictures."""
     if train.steps == 0 and not is_wan(train.preset):     # only the Wan presets have something to prepare
         cli.fail(f"--steps 0 trains nothing (the {train.preset} preset has no cache to build first): pass the step to "
                  f"stop at, e.g. --steps {Train.steps}")
