@@ -530,12 +530,17 @@ def _():
     same_draws(lambda g: noise_of(run_loss(generator=g)), "noise in x_t")
 
 
+def per_chunk(x, fpc=2):
+    """(B, F, ...) -> (B, N): the mean of each chunk of fpc frames, everything in it."""
+    return torch.stack([x[:, i:i + fpc].reshape(x.shape[0], -1).mean(1) for i in range(0, x.shape[1], fpc)], dim=1)
+
+
 @check("loss", "Eq. 4: a model off by a known amount per frame gets that loss; loss = chunk_loss.mean()")
 def _():
     r = run_loss()
     got, chunk_t, offset = r["chunk_loss"], r["chunk_t"], r["offset"]
     expect(got.shape == (2, 3), f"chunk_loss must be (B, N) = (2, 3), got {tuple(got.shape)}")
-    want = offset.pow(2).unflatten(1, (3, 2)).mean(2)               # the known error, squared, per chunk
+    want = per_chunk(offset.pow(2))                                 # the known error, squared, per chunk
     if rel_err(got.double(), want) > 1e-3:
         clip, hist = r["clip"].double(), known_history(r["clip"]).double()
         t = r["call"]["t"].double()[:, :, None, None, None]
@@ -548,7 +553,7 @@ def _():
                    ((v - eps), "the target is the noise eps: the model predicts the velocity eps - clip (Eq. 4)"),
                    ((v - (clip - eps)), "the target's sign: the velocity is eps - clip (from the clip to the noise)")]
         for err, hint in guesses:
-            if rel_err(got.double(), err.pow(2).mean(dim=(2, 3, 4)).unflatten(1, (3, 2)).mean(2)) <= 1e-3:
+            if rel_err(got.double(), per_chunk(err.pow(2))) <= 1e-3:
                 raise AssertionError(hint)
         raise AssertionError("the per-chunk loss is not the mean of |v - (eps - clip)|^2 over each chunk's frames "
                              "and pixels (Eq. 4)")

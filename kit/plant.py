@@ -108,7 +108,7 @@ def main(argv=None):
                 (copy / w.file).write_text(right)
             print(f"{result}  ({time.time() - t0:.0f} s)", flush=True)
             if caught:
-                print(f"{'':<21}{line[:110]}")
+                print(f"{'':<21}{line[:240]}")
     print(f"{time.time() - start:.0f} s in all")
     if through:
         print(f"{len(through)} wrong answers got through: {through}")
