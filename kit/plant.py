@@ -8,11 +8,13 @@ Exits 1 if any wrong answer gets through. CI runs it beside the test suite.
 
 import argparse
 import json
+import queue
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kit.parts import ROOT, regions
@@ -83,32 +85,40 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", action="store_true", help="also run the quick tests on each (minutes each)")
     p.add_argument("--only", default="", help="only the wrong answers whose description contains this")
+    p.add_argument("--jobs", type=int, default=1, help="wrong answers graded at a time, each in its own copy")
     args = p.parse_args(argv)
     files, through = project_files(), []
     wrongs = [w for w in WRONG if args.only in w.what]
-    print(f"{len(wrongs)} wrong answers, each planted in turn in one copy of the project")
+    print(f"{len(wrongs)} wrong answers, each planted in turn in a copy of the project ({args.jobs} at a time)")
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp)
-        copy_project(copy, files)
-        for w in wrongs:
+        copies = queue.Queue()
+        for i in range(args.jobs):
+            (Path(tmp) / str(i)).mkdir()
+            copy_project(Path(tmp) / str(i), files)
+            copies.put(Path(tmp) / str(i))
+
+        def one(w):                                        # in the copy this worker takes, then gives back
+            copy = copies.get()
             t0, right = time.time(), (copy / w.file).read_text()
             (copy / w.file).write_text(plant(right, w))
             try:
                 caught, line = rejected_by_checks(copy, w.part)
                 result = f"{w.part:<11} {'rejected' if caught else 'ACCEPTED':<9} {w.what}"
-                if not caught:
-                    through.append(w.what)
+                missed = [] if caught else [w.what]
                 if args.suite:
                     by_suite, first = rejected_by_suite(copy)
                     result += f"\n{'':<21}suite: {'rejected by ' + first if by_suite else 'ACCEPTED: ' + first}"
-                    if not by_suite:
-                        through.append(w.what + " (suite)")
+                    missed += [] if by_suite else [w.what + " (suite)"]
             finally:
                 (copy / w.file).write_text(right)
-            print(f"{result}  ({time.time() - t0:.0f} s)", flush=True)
-            if caught:
-                print(f"{'':<21}{line[:240]}")
+                copies.put(copy)
+            return f"{result}  ({time.time() - t0:.0f} s)" + (f"\n{'':<21}{line[:240]}" if caught else ""), missed
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for text, missed in pool.map(one, wrongs):
+                print(text, flush=True)
+                through += missed
     print(f"{time.time() - start:.0f} s in all")
     if through:
         print(f"{len(through)} wrong answers got through: {through}")
