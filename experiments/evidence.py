@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -147,7 +146,7 @@ def rollouts(run, test, args, device):
     """-> generated frames (N, 32, H, W, 3) uint8 for the first args.clips test clips (EMA weights)."""
     dit, text_encoder, _ = checkpoints.load_models(str(run / "latest"), True, device)
     videos = []
-    for i in tqdm(range(0, args.clips, args.batch), desc=f"rollouts {run.name}", unit="batch", dynamic_ncols=True):
+    for i in cli.progress(range(0, args.clips, args.batch), desc=f"rollouts {run.name}", unit="batch", dynamic_ncols=True):
         j = min(i + args.batch, args.clips)
         truth = media.from_uint8(test["frames"][i:j])                                 # (n, F, 3, H, W)
         context, neg = text_encoder.contexts(test["captions"][i:j])

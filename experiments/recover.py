@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import media  # noqa: E402
 import rf  # noqa: E402
 from tiny_data import shapes  # noqa: E402
@@ -164,7 +164,7 @@ def main(argv=None):
         sys.exit(f"error: --clips {args.clips} but the test set holds {len(test['frames'])} clips")
     names = [Path(r).name for r in args.runs]
     t0 = time.time()
-    with tqdm(total=len(args.runs) * args.clips * len(args.corruptions), desc="rollouts", unit="clip") as bar:
+    with cli.progress(total=len(args.runs) * args.clips * len(args.corruptions), desc="rollouts", unit="clip") as bar:
         out = [run_model(r, test, args, bar) for r in args.runs]
     results, firsts = [o[0] for o in out], [o[1] for o in out]
     print(f"{args.clips} clips, chunk {args.chunk} of a {args.prefix}-chunk true prefix corrupted, "

@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import media  # noqa: E402
 import rf  # noqa: E402
 from tiny_data import metrics, shapes  # noqa: E402
@@ -206,8 +206,7 @@ def main(argv=None):
     truth = test["frames"][:args.clips]
     if args.first:
         per_runs = []
-        with tqdm(total=3 * args.clips * len(args.runs), desc="first chunks", unit="clip",
-                  disable=not sys.stderr.isatty()) as bar:
+        with cli.progress(total=3 * args.clips * len(args.runs), desc="first chunks", unit="clip") as bar:
             for run in args.runs:
                 made = first_chunks(run, test, args, bar)
                 per_runs.append({c: score(v, truth[:, c * FPC:(c + 1) * FPC], truth[:, :FPC])
@@ -221,8 +220,7 @@ def main(argv=None):
         rows = report(names + list(baselines), tables)
     else:
         videos = []
-        with tqdm(total=args.clips * len(args.runs), desc="rollouts", unit="clip",
-                  disable=not sys.stderr.isatty()) as bar:
+        with cli.progress(total=args.clips * len(args.runs), desc="rollouts", unit="clip") as bar:
             for run in args.runs:
                 videos.append(rollouts(run, test, args, bar))
         truth = truth[:, :args.frames]

@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoints  # noqa: E402
+import cli  # noqa: E402
 import media  # noqa: E402
 import rf  # noqa: E402
 from tiny_data import metrics, shapes  # noqa: E402
@@ -126,7 +127,7 @@ def true_history_chunks(run, test, args, fpc):
         chunk, window, start = parse_true_at(spec)
         dit, text_encoder, _ = load(run, args, window)
         P, first, made = chunk * fpc, start * fpc, []
-        for i in range(0, args.clips, args.batch):
+        for i in cli.progress(range(0, args.clips, args.batch), desc=f"true history, chunk {spec}", unit="batch"):
             j = min(i + args.batch, args.clips)
             truth = media.from_uint8(test["frames"][i:j, first:P])
             context, neg = text_encoder.contexts(test["captions"][i:j])
@@ -146,7 +147,7 @@ def evaluate_run(run, test, args):
     one_step, rollouts = [], []
     true_at = {P: [] for P in (L, 2 * L - fpc) if P + fpc <= test["frames"].shape[1]}
     t0 = time.time()
-    for i in range(0, args.clips, args.batch):
+    for i in cli.progress(range(0, args.clips, args.batch), desc=f"rollouts {Path(run).name}", unit="batch"):
         j = min(i + args.batch, args.clips)
         truth = media.from_uint8(test["frames"][i:j])                                 # (n, F, 3, H, W)
         seed = args.seed + i
