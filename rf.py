@@ -595,7 +595,8 @@ def degrade_history(model: DiT, clip, context, mode, generator=None):
 @torch.no_grad()
 def resample_autoregressive(model: DiT, clip, context, t_s, steps=1, generator=None):
     """Eq. 5: x~^i = x^i_{t_s} denoised to 0 given x~^{<i}: the sampler's chunk step, `steps`
-    Euler steps from x_{t_s}, online weights, no CFG. The last chunk is nobody's history.
+    Euler steps from x_{t_s}, online weights, no CFG. The last chunk is nobody's history: it is
+    returned as it came.
     clip: (B, F, C, H, W) ground truth
     t_s:  (B,) one simulation timestep per video"""
     B, num_frames = clip.shape[:2]

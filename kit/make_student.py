@@ -180,8 +180,11 @@ def assignment(text, chosen):
     numbers = {str(PARTS[n].number) for n in chosen}
     points = sum(PARTS[n].points for n in chosen)
     names = ", ".join(f"{PARTS[n].number} (`{n}`)" for n in chosen)
+    given = ", ".join(f"{PARTS[n].number} (`{n}`)" for n in PARTS if n not in chosen)
+    written = (f" Parts {given} are written already: yours may call them (the table's column 'needs' names "
+               f"them).") if given else ""
     text = section(text, "## Your parts", f"Part{'s' if len(chosen) > 1 else ''} {names}: {points} points. "
-                                         f"`python -m kit.grade` grades them.")
+                                         f"`python -m kit.grade` grades them.{written}")
     keep, dropping = [], False
     for line in text.split("\n"):
         row, hint = re.match(r"^\| (\d) \|", line), re.match(r"^- \*\*Part (\d) ", line)
