@@ -117,27 +117,37 @@ def first_chunks(run, test, args, bar):
 
 
 def summary(per_frame, windows):
-    """{score: {window: per-clip means (N,)}} of {score: (N, F)} per-frame values, F counted from frame 0."""
-    return {k: {w: np.nanmean(v[:, a:b], axis=1) for w, (a, b) in windows.items() if b <= v.shape[1]}
-            for k, v in per_frame.items()}
+    """{score: {window: per-clip means (N,)}} of {score: (N, F)} per-frame values, F counted from frame 0; nan for
+    a clip where the score is never defined in the window (shade_error of a frame with no lit pixel)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {k: {w: np.nanmean(v[:, a:b], axis=1) for w, (a, b) in windows.items() if b <= v.shape[1]}
+                for k, v in per_frame.items()}
+
+
+def defined_ci(per_clip):
+    """mean_ci over the clips where the score is defined (nan when it is nowhere)."""
+    per_clip = np.asarray(per_clip, dtype=np.float64)
+    per_clip = per_clip[~np.isnan(per_clip)]
+    return mean_ci(per_clip) if len(per_clip) else (float("nan"), float("nan"))
 
 
 def report(names, tables):
     """Print each run's means and each later run minus the first, paired per clip; return them as rows."""
     rows = []
     for name, table in zip(names, tables):
-        cells = {f"{k} {w}": mean_ci(v) for k, by_w in table.items() for w, v in by_w.items()}
+        cells = {f"{k} {w}": defined_ci(v) for k, by_w in table.items() for w, v in by_w.items()}
         rows.append(dict(run=name, **cells))
         print(name)
         for k, by_w in table.items():
-            print(f"  {k:12s} " + "  ".join(f"{w} {np.mean(v):7.3f}" for w, v in by_w.items()))
-    for name, table in zip(names[1:], tables[1:]):
-        cells = {f"{k} {w}": mean_ci(v - tables[0][k][w]) for k, by_w in table.items() for w, v in by_w.items()}
+            print(f"  {k:12s} " + "  ".join(f"{w} {defined_ci(v)[0]:7.3f}" for w, v in by_w.items()))
+    for name, table in zip(names[1:], tables[1:]):             # paired: the clips where both are defined
+        cells = {f"{k} {w}": defined_ci(v - tables[0][k][w]) for k, by_w in table.items() for w, v in by_w.items()}
         rows.append(dict(paired=f"{name} - {names[0]}", **cells))
         print(f"{name} minus {names[0]}, paired per clip (95% interval)")
         for k, by_w in table.items():
             print(f"  {k:12s} " + "  ".join(f"{w} {m:+.3f}±{h:.3f}" for w, v in by_w.items()
-                                             for m, h in [mean_ci(v - tables[0][k][w])]))
+                                             for m, h in [defined_ci(v - tables[0][k][w])]))
     return rows
 
 
@@ -216,10 +226,9 @@ def main(argv=None):
                      "black": lambda c: np.zeros_like(truth[:, :FPC])}
         for make in baselines.values():
             per_runs.append({c: score(make(c), truth[:, c * FPC:(c + 1) * FPC], truth[:, :FPC]) for c in (1, 2, 3)})
-        with warnings.catch_warnings():           # a black frame has no lit pixels, so no shade: nan, not a warning
-            warnings.simplefilter("ignore", RuntimeWarning)
-            tables = [{k: {f"chunk {c}": np.nanmean(pr[c][k], axis=1) for c in (1, 2, 3)} for k in SCORES}
-                      for pr in per_runs]
+        whole = {"chunk": (0, FPC)}
+        tables = [{k: {f"chunk {c}": summary(pr[c], whole)[k]["chunk"] for c in (1, 2, 3)} for k in SCORES}
+                  for pr in per_runs]
         rows = report(names + list(baselines), tables)
     else:
         videos = []
