@@ -75,12 +75,13 @@ def main(argv=None):
     names = parse_parts(args.part) if args.part else mine or list(PARTS)
     try:
         results = grade(names)
-    except ModuleNotFoundError as e:                                # not ours: the wrong Python
-        if not (Path(__file__).parents[1] / f"{e.name}.py").exists():
-            sys.exit(f"error: {e.name} is not installed in this Python ({sys.executable}): activate the project's "
-                     f"virtual environment (. .venv/bin/activate), or install it as README.md says")
-        sys.exit(f"error: rf.py does not import: {type(e).__name__}: {e}")
     except Exception as e:                                         # rf.py does not even import
+        missing = (getattr(e, "name", None) or "").split(".")[0]
+        root = Path(__file__).resolve().parents[1]
+        ours = (root / f"{missing}.py").exists() or (root / missing).is_dir()
+        if isinstance(e, ModuleNotFoundError) and missing and not ours:     # the wrong Python, not a bug of ours
+            sys.exit(f"error: {missing} is not installed in this Python ({sys.executable}): activate the project's "
+                     f"virtual environment (. .venv/bin/activate), or install it as README.md says")
         sys.exit(f"error: rf.py does not import: {type(e).__name__}: {e}")
     print(f"{'part':<24} {'points':>6}  {'result':<28} first failing check")
     for name, r in results.items():

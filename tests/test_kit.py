@@ -134,6 +134,17 @@ def test_workshop_copy_knows_its_parts_and_stands_alone(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("missing, says", [("torch", "torch is not installed in this Python"),
+                                            ("rf", "rf.py does not import")])
+def test_the_grader_tells_a_missing_package_from_a_broken_rf(missing, says, monkeypatch, capsys):
+    def fails(names):
+        raise ModuleNotFoundError(f"No module named '{missing}'", name=missing)
+    monkeypatch.setattr(sys.modules["kit.grade"], "grade", fails)
+    with pytest.raises(SystemExit) as e:
+        grade_main(["--part", "mask"])
+    assert says in str(e.value)
+
+
 def test_links_that_resolve_nowhere_finds_a_dead_link(tmp_path):
     (tmp_path / "a.md").write_text("[ok](a.md) [gone](kit/README.md) [web](https://x.org/y) [anchor](#z)\n")
     assert links_that_resolve_nowhere(tmp_path) == ["a.md: kit/README.md"]
