@@ -59,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--first", action="store_true", help="score one chunk after a true history instead")
     p.add_argument("--seed", type=int, default=1000, help="noise seed of batch i: seed + i")
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 3 for the toy)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps per chunk (default: the model's, 16)")
     p.add_argument("--png", default="", help="write a numbered contact sheet of the first --png_clips clips")
     p.add_argument("--png_clips", type=int, default=4)
     p.add_argument("--plot", default="", help="write each score per frame (mean over clips, 95% band)")
@@ -93,7 +95,7 @@ def rollouts(run, test, args, bar):
         context, neg = encoder.contexts(test["captions"][i:j])
         prompt = media.from_uint8(test["frames"][i:j, :FPC])
         out.append(media.to_uint8(rf.generate(dit, context, args.frames, neg_context=neg, prefix=prompt,
-                                              seed=args.seed + i)))
+                                              seed=args.seed + i, cfg_scale=args.cfg, steps=args.steps)))
         bar.update(j - i)
     return np.concatenate(out)
 
@@ -109,7 +111,8 @@ def first_chunks(run, test, args, bar):
             j = min(i + args.batch, args.clips)
             context, neg = encoder.contexts(test["captions"][i:j])
             history = media.from_uint8(test["frames"][i:j, :c * FPC])
-            video = rf.generate(dit, context, (c + 1) * FPC, neg_context=neg, prefix=history, seed=args.seed + i)
+            video = rf.generate(dit, context, (c + 1) * FPC, neg_context=neg, prefix=history, seed=args.seed + i,
+                                cfg_scale=args.cfg, steps=args.steps)
             made.append(media.to_uint8(video[:, c * FPC:]))
             bar.update(j - i)
         out[c] = np.concatenate(made)
