@@ -22,6 +22,11 @@ Every later run is compared with the first, paired per clip (same clips, same no
 --first scores one chunk generated after TRUE frames instead (chunks 1-3, the window as given): what each model
 makes when its history is perfect. A model that is poor here never learned the task, and a later fall in its
 rollout says nothing about its history. Beside it: copying the last true frame, and a black frame.
+
+--probe asks what a rollout asks at every chunk, once and under control: each model continues the 4 true frames of
+each clip after they were spoiled on purpose (blurred 3x3, or dimmed to half their brightness), and its next chunk
+(frames 5-6) is scored against the true prompt, as in a rollout. A model that copies a spoiled history passes the
+damage on, and a rollout compounds it; one that repairs it does not. --png draws what each model made.
 """
 
 import argparse
@@ -46,6 +51,19 @@ from tune_toy import checkpoint, mean_ci  # noqa: E402
 FPC = 2                                    # the toy's chunk: 2 frames (WINDOWS assume 8-frame training clips)
 SCORES = ("detail_kept", "present", "shade_error", "psnr", "lit_iou")
 WINDOWS = {"1x": (2, 8), "2x": (8, 16), "4x": (24, 32), "8x": (56, 64)}
+PROBE_HISTORY = 2 * FPC                    # --probe: true frames given, spoiled, before the chunk it scores
+
+
+def blurred(frames):
+    """uint8 (..., H, W, 3) frames, each pixel the mean of its 3x3 neighbourhood (black beyond the border)."""
+    x = np.pad(frames.astype(np.float64), [(0, 0)] * (frames.ndim - 3) + [(1, 1), (1, 1), (0, 0)])
+    H, W = frames.shape[-3:-1]
+    return np.round(sum(x[..., i:i + H, j:j + W, :] for i in range(3) for j in range(3)) / 9).astype(np.uint8)
+
+
+# NOTE(choice): a 3x3 blur (detail kept about 0.06) and half the brightness stand for the two ways a rollout's
+# errors spoil its history on this toy: detail washed out, and an object that dims.
+SPOILED = {"true": lambda f: f, "blurred": blurred, "dimmed": lambda f: np.round(f * 0.5).astype(np.uint8)}
 
 
 def parse_args(argv=None):
@@ -57,6 +75,7 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=32, help="rollout length, prompt included")
     p.add_argument("--window", type=int, default=2, help="history chunks each new chunk reads (0: all of them)")
     p.add_argument("--first", action="store_true", help="score one chunk after a true history instead")
+    p.add_argument("--probe", action="store_true", help="score one chunk after a true, blurred or dimmed history")
     p.add_argument("--seed", type=int, default=1000, help="noise seed of batch i: seed + i")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's, 3 for the toy)")
@@ -66,6 +85,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", default="", help="write each score per frame (mean over clips, 95% band)")
     p.add_argument("--json", default="", help="write the numbers here")
     args = p.parse_args(argv)
+    if args.first and args.probe:
+        p.error("--first and --probe are two separate checks: give one of them")
     if args.frames < 4 or args.frames % 2:
         p.error(f"--frames {args.frames}: give an even number of frames, at least 4")
     return args
@@ -116,6 +137,26 @@ def first_chunks(run, test, args, bar):
             made.append(media.to_uint8(video[:, c * FPC:]))
             bar.update(j - i)
         out[c] = np.concatenate(made)
+    return out
+
+
+@torch.no_grad()
+def probe_chunks(run, test, args, bar):
+    """{history kind: the chunk generated after the clip's first PROBE_HISTORY frames, spoiled that way,
+    uint8 (clips, FPC, H, W, 3)} for each kind of SPOILED."""
+    dit, encoder = load(run, args.window)
+    out = {}
+    for kind, spoil in SPOILED.items():
+        made = []
+        for i in range(0, args.clips, args.batch):
+            j = min(i + args.batch, args.clips)
+            context, neg = encoder.contexts(test["captions"][i:j])
+            history = media.from_uint8(spoil(test["frames"][i:j, :PROBE_HISTORY]))
+            video = rf.generate(dit, context, PROBE_HISTORY + FPC, neg_context=neg, prefix=history,
+                                seed=args.seed + i, cfg_scale=args.cfg, steps=args.steps)
+            made.append(media.to_uint8(video[:, PROBE_HISTORY:]))
+            bar.update(j - i)
+        out[kind] = np.concatenate(made)
     return out
 
 
@@ -181,6 +222,32 @@ def contact_sheet(truth, videos, names, path, clips, scale=4, gap=2):
     sheet.save(path)
 
 
+def probe_sheet(truth, made, names, path, clips, scale=4, gap=2):
+    """Per clip and kind of history: the last two frames given (spoiled), the truth's next chunk, then each run's."""
+    H, W = truth.shape[2:4]
+    cell, label, top, group_gap = W * scale + gap, 72, 14, 10
+    columns = ["given", "truth"] + list(names)
+    width = label + len(columns) * (FPC * cell + group_gap)
+    row_h = H * scale + gap
+    sheet = Image.new("RGB", (width, top + clips * (len(SPOILED) * row_h + 8)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for g, name in enumerate(columns):                         # the column titles, over each pair of frames
+        frames = f"{PROBE_HISTORY - 1}-{PROBE_HISTORY}" if name == "given" else \
+            f"{PROBE_HISTORY + 1}-{PROBE_HISTORY + FPC}"
+        draw.text((label + g * (FPC * cell + group_gap) + 2, 1), f"{name} {frames}"[:18], fill=(0, 0, 0))
+    for c in range(clips):
+        for k, (kind, spoil) in enumerate(SPOILED.items()):
+            y = top + c * (len(SPOILED) * row_h + 8) + k * row_h
+            draw.text((2, y + 4), f"{c}: {kind}", fill=(0, 0, 0))
+            given = spoil(truth[c, PROBE_HISTORY - FPC:PROBE_HISTORY])
+            groups = [given, truth[c, PROBE_HISTORY:PROBE_HISTORY + FPC]] + [m[kind][c] for m in made]
+            for g, frames in enumerate(groups):
+                for f, frame in enumerate(frames):
+                    img = Image.fromarray(frame).resize((W * scale, H * scale), Image.NEAREST)
+                    sheet.paste(img, (label + g * (FPC * cell + group_gap) + f * cell, y))
+    sheet.save(path)
+
+
 def plot(per_frames, names, fpc, path, title):
     """One panel per score: its mean per generated frame over the clips, with a 95% band, one line per run."""
     plt = media.pyplot()
@@ -233,6 +300,21 @@ def main(argv=None):
         tables = [{k: {f"chunk {c}": summary(pr[c], whole)[k]["chunk"] for c in (1, 2, 3)} for k in SCORES}
                   for pr in per_runs]
         rows = report(names + list(baselines), tables)
+    elif args.probe:
+        made = []
+        with cli.progress(total=len(SPOILED) * args.clips * len(args.runs), desc="probe", unit="clip") as bar:
+            for run in args.runs:
+                made.append(probe_chunks(run, test, args, bar))
+        after = truth[:, PROBE_HISTORY:PROBE_HISTORY + FPC]
+        whole = {"chunk": (0, FPC)}
+        tables = [{k: {kind: summary(score(v, after, truth[:, :FPC]), whole)[k]["chunk"] for kind, v in m.items()}
+                   for k in SCORES} for m in made]
+        print(f"one chunk (frames {PROBE_HISTORY + 1}-{PROBE_HISTORY + FPC}) after the first {PROBE_HISTORY} "
+              f"true frames, as given (true), blurred 3x3 or dimmed to half")
+        rows = report(names, tables)
+        if args.png:
+            probe_sheet(truth, made, names, args.png, args.png_clips)
+            print(f"wrote {args.png}")
     else:
         videos = []
         with cli.progress(total=args.clips * len(args.runs), desc="rollouts", unit="clip") as bar:
