@@ -61,8 +61,8 @@ def blurred(frames):
     return np.round(sum(x[..., i:i + H, j:j + W, :] for i in range(3) for j in range(3)) / 9).astype(np.uint8)
 
 
-# NOTE(choice): a 3x3 blur (detail kept about 0.06) and half the brightness stand for the two ways a rollout's
-# errors spoil its history on this toy: detail washed out, and an object that dims.
+# NOTE(choice): a 3x3 blur and half the brightness stand for the two ways a rollout's errors spoil its history
+# on this toy (docs/method.md, "The textured toy's probe").
 SPOILED = {"true": lambda f: f, "blurred": blurred, "dimmed": lambda f: np.round(f * 0.5).astype(np.uint8)}
 
 
