@@ -5,6 +5,7 @@ experiments/texture.py -- the textured toy: does the model keep the detail only 
     python experiments/texture.py runs/textured/seed0/tf runs/textured/seed0/na runs/textured/seed0/rf \
         --window 2 --frames 64 --png runs/textured/seed0/sheet.png --plot runs/textured/seed0/scores.png
     python experiments/texture.py RUNS --first       # first the check that the models learned the task at all
+    python experiments/texture.py RUNS --probe --png probe.png   # one chunk after a blurred or dimmed history
 
 Each object of the textured toy carries its own random pattern of 2x2-pixel blocks; the caption does not say it,
 so only the history holds it. Every model continues each held-out clip from its first chunk of true frames; the
