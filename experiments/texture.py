@@ -325,12 +325,13 @@ def main(argv=None):
         per_frames = [score(v, truth, truth[:, :FPC]) for v in videos]
         rows = report(names, [summary(pf, WINDOWS) for pf in per_frames])
         window = f"a window of {args.window} history chunks" if args.window else "the whole history"
+        guidance = "" if args.cfg is None else f", guidance {args.cfg:g}"
         if args.png:
             contact_sheet(truth, [v[:args.png_clips] for v in videos], names, args.png, args.png_clips)
             print(f"wrote {args.png}")
         if args.plot:
             plot(per_frames, names, FPC, args.plot,
-                 f"textured toy, {args.clips} held-out clips from 2 true frames, {window} (95% bands); "
+                 f"textured toy, {args.clips} held-out clips from 2 true frames, {window}{guidance} (95% bands); "
                  f"red line: the training clips' length")
             print(f"wrote {args.plot}")
     if args.json:
