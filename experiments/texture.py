@@ -123,42 +123,32 @@ def rollouts(run, test, args, bar):
 
 
 @torch.no_grad()
+def next_chunks(dit, encoder, test, given, spoil, args, bar):
+    """The chunk each model makes after each clip's first `given` true frames, passed through `spoil` first:
+    uint8 (clips, FPC, H, W, 3)."""
+    made = []
+    for i in range(0, args.clips, args.batch):
+        j = min(i + args.batch, args.clips)
+        context, neg = encoder.contexts(test["captions"][i:j])
+        history = media.from_uint8(spoil(test["frames"][i:j, :given]))
+        video = rf.generate(dit, context, given + FPC, neg_context=neg, prefix=history, seed=args.seed + i,
+                            cfg_scale=args.cfg, steps=args.steps)
+        made.append(media.to_uint8(video[:, given:]))
+        bar.update(j - i)
+    return np.concatenate(made)
+
+
 def first_chunks(run, test, args, bar):
     """{chunk c: its frames generated after the true frames before it, uint8 (clips, FPC, H, W, 3)}, c = 1..3."""
     dit, encoder = load(run, args.window)
-    out = {}
-    for c in (1, 2, 3):
-        made = []
-        for i in range(0, args.clips, args.batch):
-            j = min(i + args.batch, args.clips)
-            context, neg = encoder.contexts(test["captions"][i:j])
-            history = media.from_uint8(test["frames"][i:j, :c * FPC])
-            video = rf.generate(dit, context, (c + 1) * FPC, neg_context=neg, prefix=history, seed=args.seed + i,
-                                cfg_scale=args.cfg, steps=args.steps)
-            made.append(media.to_uint8(video[:, c * FPC:]))
-            bar.update(j - i)
-        out[c] = np.concatenate(made)
-    return out
+    return {c: next_chunks(dit, encoder, test, c * FPC, SPOILED["true"], args, bar) for c in (1, 2, 3)}
 
 
-@torch.no_grad()
 def probe_chunks(run, test, args, bar):
     """{history kind: the chunk generated after the clip's first PROBE_HISTORY frames, spoiled that way,
     uint8 (clips, FPC, H, W, 3)} for each kind of SPOILED."""
     dit, encoder = load(run, args.window)
-    out = {}
-    for kind, spoil in SPOILED.items():
-        made = []
-        for i in range(0, args.clips, args.batch):
-            j = min(i + args.batch, args.clips)
-            context, neg = encoder.contexts(test["captions"][i:j])
-            history = media.from_uint8(spoil(test["frames"][i:j, :PROBE_HISTORY]))
-            video = rf.generate(dit, context, PROBE_HISTORY + FPC, neg_context=neg, prefix=history,
-                                seed=args.seed + i, cfg_scale=args.cfg, steps=args.steps)
-            made.append(media.to_uint8(video[:, PROBE_HISTORY:]))
-            bar.update(j - i)
-        out[kind] = np.concatenate(made)
-    return out
+    return {kind: next_chunks(dit, encoder, test, PROBE_HISTORY, spoil, args, bar) for kind, spoil in SPOILED.items()}
 
 
 def summary(per_frame, windows):
