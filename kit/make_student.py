@@ -41,6 +41,9 @@ ANSWERS = [
     ("docs/evidence.md", "After a blank or heavy noise, teacher forcing keeps falling", 2),
     ("docs/evidence.md", "| the 1.2M quick-start model, 500 steps of Resampling Forcing", 5),
     ("README.md", "Inside the training length Resampling Forcing pays a per-chunk cost", 3),
+    ("docs/evidence.md", "- **Teacher forcing passes the damage on.**", 7),
+    ("docs/evidence.md", "- **Resampling Forcing repairs it**", 7),
+    ("docs/evidence.md", "This is the step a rollout repeats.", 7),
 ]
 
 # What each command needs written (the parts its code runs), for the front page

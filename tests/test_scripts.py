@@ -58,6 +58,7 @@ def test_sample_from_caption_and_errors(tmp_path, capsys):
     assert (out / "samples.gif").is_file() and (out / "contact_sheet.png").is_file()
 
     cases = [(["--ckpt", str(tmp_path / "nope")], "no checkpoint at"),
+             (["--ckpt", str(tmp_path)], f"is a run folder, not a checkpoint: pass its last checkpoint, {tmp_path}"),
              (["--caption", "purple circle"], "purple"),
              (["--caption", "red circle", "--frames", "5"], "not a multiple of the chunk"),
              (["--frames", "2000", "--caption", "red circle"], "RoPE table"),
