@@ -44,6 +44,8 @@ ANSWERS = [
     ("docs/evidence.md", "- **Teacher forcing passes the damage on.**", 7),
     ("docs/evidence.md", "- **Resampling Forcing repairs it**", 7),
     ("docs/evidence.md", "This is the step a rollout repeats.", 7),
+    ("docs/evidence.md", "- **A toy with detail to lose: the mechanism shows in every seed", 7),
+    ("README.md", "**Why: what each model makes of a spoiled history.**", 7),
 ]
 
 # What each command needs written (the parts its code runs), for the front page
