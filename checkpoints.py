@@ -54,10 +54,10 @@ def read_meta(path) -> dict:
     """A checkpoint folder's meta.json -> dict. A FileNotFoundError (one line) if there is none; a ValueError (one
     line, "...; use ...") if it is damaged."""
     path = Path(path)
-    if not (path / "meta.json").is_file() and (path / "latest" / "meta.json").is_file():
-        raise FileNotFoundError(f"{path} is a run folder, not a checkpoint: pass its last checkpoint, "
-                                f"{path / 'latest'}")
     if not (path / "meta.json").is_file():
+        if (path / "latest" / "meta.json").is_file():
+            raise FileNotFoundError(f"{path} is a run folder, not a checkpoint: pass its last checkpoint, "
+                                    f"{path / 'latest'}")
         raise FileNotFoundError(f"no checkpoint at {path} (expected {path}/meta.json): pass a folder written by "
                                 f"train.py (e.g. runs/toy/latest after python train.py) or a shipped one "
                                 f"(checkpoints/toy_tf, checkpoints/toy_ar_s0.6)")
